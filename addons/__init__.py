@@ -1,0 +1,1 @@
+"""mitmproxy addons of the OCI Connector Proxy; `connector_proxy.py` is the script mitmdump loads."""

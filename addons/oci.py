@@ -1,0 +1,207 @@
+"""Pure OCI distribution protocol helpers: challenges, API paths, scopes, JSON errors.
+
+Nothing here knows about mitmproxy flows except `error_response`, which builds a mitmproxy
+Response; everything else is plain data in, plain data out, so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from mitmproxy import http
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+
+# distribution/reference's repository name grammar: path components of lower-case alphanumerics
+# joined by separators; no empty, "." or ".." component can match.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+REFERENCE_RE = re.compile(r"^(?:[\w][\w.-]{0,127}|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,})$")
+DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+MAX_REPOSITORY_LENGTH = 255
+
+_ENDPOINT_RE = re.compile(
+    r"^/v2/(?P<name>.+)/(?:"
+    r"manifests/(?P<reference>[^/]+)"
+    r"|blobs/uploads/(?P<upload>[^/]*)"
+    r"|blobs/(?P<digest>[^/]+)"
+    r"|tags/(?P<tags>list)"
+    r"|referrers/(?P<referrers>[^/]+)"
+    r")$"
+)
+
+
+class ProtocolError(ValueError):
+    """Malformed client input; carries the registry error code and HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# ---------------------------------------------------------------- WWW-Authenticate challenges
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # lower case: "bearer", "basic"
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+    @property
+    def service(self) -> str | None:
+        return self.params.get("service")
+
+    @property
+    def error(self) -> str | None:
+        return self.params.get("error")
+
+
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHALLENGE_PART_RE = re.compile(
+    rf"\s*(?:(?P<key>{_TOKEN})\s*=\s*(?:\"(?P<quoted>(?:[^\"\\]|\\.)*)\"|(?P<bare>[^,\s]*))|(?P<scheme>{_TOKEN})(?=\s|,|$))\s*,?"
+)
+
+
+def parse_www_authenticate(value: str) -> list[Challenge]:
+    """Parse a WWW-Authenticate header (RFC 7235): several challenges, quoted params with commas.
+
+    Unparseable garbage yields no challenges rather than an exception: a hostile or broken
+    upstream must not crash the proxy.
+    """
+    challenges: list[Challenge] = []
+    pos = 0
+    scheme: str | None = None
+    params: dict[str, str] = {}
+    value = value or ""
+    while pos < len(value):
+        m = _CHALLENGE_PART_RE.match(value, pos)
+        if not m or m.end() == pos:
+            break
+        pos = m.end()
+        if m.group("scheme"):
+            if scheme is not None:
+                challenges.append(Challenge(scheme, params))
+            scheme, params = m.group("scheme").lower(), {}
+        elif scheme is not None:
+            raw = m.group("quoted")
+            val = re.sub(r"\\(.)", r"\1", raw) if raw is not None else m.group("bare")
+            params[m.group("key").lower()] = val
+    if scheme is not None:
+        challenges.append(Challenge(scheme, params))
+    return challenges
+
+
+def pick_challenge(challenges: list[Challenge]) -> Challenge | None:
+    """Prefer Bearer (the token flow) over Basic, as docker does."""
+    for wanted in ("bearer", "basic"):
+        for c in challenges:
+            if c.scheme == wanted:
+                return c
+    return None
+
+
+# ---------------------------------------------------------------- API paths and scopes
+
+
+@dataclass(frozen=True)
+class ApiPath:
+    """A parsed `/v2/...` path. `repository` is None for the ping and the catalog."""
+
+    kind: str  # "ping", "catalog", "manifest", "blob", "upload", "tags", "referrers"
+    repository: str | None = None
+    reference: str | None = None
+
+
+def validate_repository(name: str) -> str:
+    if len(name) > MAX_REPOSITORY_LENGTH or not REPOSITORY_RE.match(name):
+        raise ProtocolError(400, "NAME_INVALID", f"invalid repository name {name!r}")
+    return name
+
+
+def parse_api_path(path: str) -> ApiPath:
+    """Classify an upstream API path (query string already removed)."""
+    if path in ("/v2", "/v2/"):
+        return ApiPath("ping")
+    if path == "/v2/_catalog":
+        return ApiPath("catalog")
+    if not path.startswith("/v2/"):
+        raise ProtocolError(404, "NOT_FOUND", f"{path!r} is not a registry API path (expected /v2/...)")
+    m = _ENDPOINT_RE.match(path)
+    if not m:
+        raise ProtocolError(404, "NOT_FOUND", f"{path!r} is not a registry API endpoint")
+    name = validate_repository(m.group("name"))
+    if m.group("reference") is not None:
+        ref = m.group("reference")
+        if not REFERENCE_RE.match(ref):
+            raise ProtocolError(400, "MANIFEST_INVALID", f"invalid tag or digest {ref!r}")
+        return ApiPath("manifest", name, ref)
+    if m.group("upload") is not None:
+        return ApiPath("upload", name, m.group("upload") or None)
+    if m.group("digest") is not None:
+        digest = m.group("digest")
+        if not DIGEST_RE.match(digest):
+            raise ProtocolError(400, "DIGEST_INVALID", f"invalid digest {digest!r}")
+        return ApiPath("blob", name, digest)
+    if m.group("tags") is not None:
+        return ApiPath("tags", name)
+    return ApiPath("referrers", name, m.group("referrers"))
+
+
+def required_scopes(method: str, api: ApiPath, query: str = "") -> tuple[str, ...]:
+    """The token scopes a request needs, known before it is forwarded (streamed bodies can't be replayed)."""
+    if api.kind == "ping":
+        return ()
+    if api.kind == "catalog":
+        return ("registry:catalog:*",)
+    assert api.repository is not None
+    method = method.upper()
+    if method in ("GET", "HEAD"):
+        actions = "pull"
+    elif method == "DELETE":
+        actions = "delete"
+    else:  # POST, PUT, PATCH: distribution asks for pull too when pushing
+        actions = "pull,push"
+    scopes = [f"repository:{api.repository}:{actions}"]
+    if api.kind == "upload" and method == "POST":
+        q = dict(parse_qsl(query))
+        source = q.get("from")
+        if q.get("mount") and source and source != api.repository:
+            try:
+                scopes.append(f"repository:{validate_repository(source)}:pull")
+            except ProtocolError:
+                pass  # the registry will refuse the mount and start a plain upload
+    return tuple(sorted(scopes))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def error_body(code: str, message: str, detail: object = None) -> bytes:
+    err: dict[str, object] = {"code": code, "message": message}
+    if detail is not None:
+        err["detail"] = detail
+    return json.dumps({"errors": [err]}).encode()
+
+
+def error_response(
+    status: int, code: str, message: str, detail: object = None, headers: dict[str, str] | None = None
+) -> http.Response:
+    """A response in the registry's JSON error format, which every registry client understands."""
+    all_headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
+    all_headers.update(headers or {})
+    return http.Response.make(status, error_body(code, message, detail), all_headers)
+
+
+def ping_response() -> http.Response:
+    """`200 {}` for `GET /v2/`: the client is authenticated and may go on."""
+    return http.Response.make(
+        200, b"{}", {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
+    )

@@ -1,0 +1,155 @@
+"""Which connector a request is for (Host form or path form), and where it goes upstream.
+
+Host form: `c-<name>.<namespace>[.svc[.cluster.local]][:port]`.
+Path form: any host, `/v2/namespaces/<ns>/connectors/<name>/<repository>/...`.
+
+The `Routing` addon only works out the route and records it in `flow.metadata`; it does not look
+the connector up or answer 404, because client authentication must come first (DESIGN section 3:
+nobody learns which connectors exist without permission). `retarget` is applied later, by the
+upstream addon, once the caller is known to be allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Literal
+from urllib.parse import parse_qsl, urlencode
+
+from mitmproxy import http
+
+from addons import oci
+from connector_store.model import Address
+
+METADATA_KEY = "connector_proxy"
+
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+HOST_FORM_RE = re.compile(
+    rf"^c-(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?:\.svc(?:\.cluster\.local)?)?\.?(?::\d{{1,5}})?$"
+)
+PATH_FORM_RE = re.compile(
+    rf"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?$"
+)
+NAMESPACE_RE = re.compile(rf"^{_LABEL}$")
+NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+MOUNT_FROM_RE = re.compile(r"^namespaces/(?P<namespace>[^/]+)/connectors/(?P<name>[^/]+)/(?P<repo>.+)$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a client request goes; kept in flow.metadata as plain data (it is saved with the flow)."""
+
+    form: Literal["host", "path", "ping"]
+    namespace: str = ""
+    name: str = ""
+    origin: str = ""  # the proxy origin as the client addressed it, e.g. http://c-harbor.default.svc:80
+    prefix: str = ""  # path form: "namespaces/<ns>/connectors/<name>"; "" otherwise
+    path: str = "/v2/"  # the upstream API path, without query
+    subject: str = ""  # the authenticated caller, once known
+    upstream: str = ""  # the connector's address, once the request is retargeted
+
+    @property
+    def connector(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.name else ""
+
+    def store(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[METADATA_KEY] = asdict(self)
+
+    @classmethod
+    def of(cls, flow: http.HTTPFlow) -> Route | None:
+        data = flow.metadata.get(METADATA_KEY)
+        return cls(**data) if isinstance(data, dict) else None
+
+
+def parse_host_form(host_header: str | None) -> tuple[str, str] | None:
+    """`c-harbor.default.svc.cluster.local:80` -> ("default", "harbor")."""
+    if not host_header:
+        return None
+    m = HOST_FORM_RE.match(host_header.lower())
+    return (m.group("namespace"), m.group("name")) if m else None
+
+
+def parse_path_form(path: str) -> tuple[str, str, str] | None:
+    """`/v2/namespaces/ns/connectors/c/test/abc/manifests/v1` -> ("ns", "c", "/v2/test/abc/manifests/v1")."""
+    m = PATH_FORM_RE.match(path)
+    if not m:
+        return None
+    namespace, name, rest = m.group("namespace"), m.group("name"), m.group("rest") or "/"
+    if not NAMESPACE_RE.match(namespace) or not NAME_RE.match(name):
+        raise oci.ProtocolError(400, "NAME_INVALID", f"invalid connector reference {namespace!r}/{name!r}")
+    return namespace, name, "/v2" + rest
+
+
+def route_request(path: str, host_header: str | None, origin: str) -> Route:
+    """Work out the route for a client request path (without query); raises ProtocolError."""
+    if "\\" in path or "%2f" in path.lower() or "/../" in path + "/" or "/./" in path + "/":
+        raise oci.ProtocolError(400, "NAME_INVALID", "path segments '.', '..' and encoded slashes are not allowed")
+    path_form = parse_path_form(path)
+    if path_form:
+        namespace, name, upstream = path_form
+        oci.parse_api_path(upstream)  # reject malformed repository names before anything else
+        return Route("path", namespace, name, origin, f"namespaces/{namespace}/connectors/{name}", upstream)
+    host_form = parse_host_form(host_header)
+    if host_form:
+        oci.parse_api_path(path)
+        return Route("host", host_form[0], host_form[1], origin, "", path)
+    if path in ("/v2", "/v2/"):
+        return Route("ping", origin=origin)
+    raise oci.ProtocolError(
+        404,
+        "NAME_UNKNOWN",
+        "no connector named: use the host c-<name>.<namespace>.svc.cluster.local "
+        "or the path /v2/namespaces/<namespace>/connectors/<name>/<repository>/...",
+    )
+
+
+def client_origin(flow: http.HTTPFlow) -> str:
+    scheme = "https" if flow.client_conn.tls_established else "http"
+    return f"{scheme}://{flow.request.host_header or flow.request.host}"
+
+
+def translate_mount_query(query: str, route: Route) -> str:
+    """A cross-repo mount names its source in the proxy's naming; translate it to the upstream's.
+
+    Same connector: strip the path-form prefix. Another connector: the registry cannot mount
+    from a different registry, so drop mount/from and let it become a plain upload.
+    """
+    params = parse_qsl(query, keep_blank_values=True)
+    source = next((v for k, v in params if k == "from"), None)
+    if source is None:
+        return query
+    m = MOUNT_FROM_RE.match(source)
+    if not m:
+        return query
+    if (m.group("namespace"), m.group("name")) == (route.namespace, route.name):
+        params = [(k, m.group("repo") if k == "from" else v) for k, v in params]
+    else:
+        params = [(k, v) for k, v in params if k not in ("mount", "from")]
+    return urlencode(params)
+
+
+def retarget(request: http.Request, route: Route, address: Address) -> None:
+    """Point the request at the connector's registry (scheme, host, port, path prefix)."""
+    query = request.path.partition("?")[2]
+    if route.form != "ping" and query and "from=" in query:
+        query = translate_mount_query(query, route)
+    request.scheme = address.scheme
+    request.host = address.host
+    request.port = address.port
+    request.host_header = address.netloc
+    request.path = address.path_prefix + route.path + (f"?{query}" if query else "")
+
+
+class Routing:
+    """requestheaders: record the Route of every registry request, or answer a malformed one."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        path = flow.request.path.partition("?")[0]
+        try:
+            route = route_request(path, flow.request.host_header, client_origin(flow))
+        except oci.ProtocolError as e:
+            flow.response = oci.error_response(e.status, e.code, str(e))
+            return
+        route.store(flow)

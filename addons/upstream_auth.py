@@ -1,0 +1,423 @@
+"""Upstream credentials: the registry's challenge, the token flow, a token cache, one retry on 401.
+
+A streamed upload cannot be replayed after a 401, so the scope is computed and the token fetched
+*before* the request is forwarded (pre-authorization). The challenge (realm, service) is learnt once
+per connector by probing `GET /v2/`. Tokens are cached per (connector, credential version, realm,
+service, scopes) until shortly before they expire, and concurrent requests for one key share one
+fetch (single flight): skopeo opens a connection per request and buildkit pushes layers in
+parallel, and token traffic must not grow with either.
+
+Secrecy: the header we inject must never be seen by anything that records flows. mitmweb's view
+records a flow in its `requestheaders` hook, which runs after ours, so the header is set by
+`CredentialInjector`, an addon appended at the very end of the chain, and removed again by the
+scrub addon as soon as the request has gone out. Neither upstream credentials nor upstream tokens
+are ever returned to the client; the registry's own 401 challenge never reaches it either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import urllib3
+from mitmproxy import ctx, http
+
+from addons import oci
+from addons.client_auth import CHALLENGE
+from addons.routing import Route, retarget
+from addons.store import ConnectorStore
+from connector_store.model import Address, Connector, Credentials
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_KEY = "connector_proxy_upstream"  # flow.metadata: scopes and auth kind (no secrets)
+DEFAULT_TOKEN_LIFETIME = 60  # the token spec's default for a missing expires_in
+CHALLENGE_TTL = 300.0
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+class UpstreamError(Exception):
+    """A failure talking to the registry or its token server, phrased for the client."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    def response(self) -> http.Response:
+        return oci.error_response(self.status, self.code, str(self))
+
+
+@dataclass(frozen=True)
+class UpstreamChallenge:
+    kind: Literal["bearer", "basic", "none"]
+    realm: str = ""
+    service: str = ""
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str = field(repr=False)
+    lifetime: float  # seconds to reuse it for, counted from when it was asked for
+
+
+def cache_lifetime(expires_in: float) -> float:
+    """How long to reuse a token: well before it expires, so a request never carries a dead one."""
+    return max(expires_in / 2, expires_in - 30)
+
+
+def realm_refusal(address: Address, realm: str) -> str | None:
+    """Why the Secret's credentials must not go to this realm, or None when they may.
+
+    Allowed: the registry's host, or a host in its registrable domain (auth.docker.io for
+    registry-1.docker.io); https, or http only if the registry itself is plain http.
+    """
+    parts = urlsplit(realm)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        return f"token realm {realm!r} is not an http(s) URL"
+    if parts.scheme == "http" and address.scheme != "http":
+        return f"token realm {parts.scheme}://{host} is plain http while the registry uses https"
+    if host == address.host:
+        return None
+    try:
+        ipaddress.ip_address(address.host)
+        return f"token realm host {host} differs from the registry's address {address.host}"
+    except ValueError:
+        pass
+    labels = address.host.split(".")
+    # registrable domain, approximated without a suffix list: drop the first label of hosts
+    # with three or more labels (registry-1.docker.io -> docker.io), keep two-label hosts as is.
+    domain = ".".join(labels[1:]) if len(labels) >= 3 else address.host
+    if host == domain or host.endswith("." + domain):
+        return None
+    return f"token realm host {host} is outside the registry's domain {domain}"
+
+
+class SingleFlightCache:
+    """An expiring cache where concurrent misses for one key wait on a single computation."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._values: dict[Hashable, tuple[Any, float]] = {}
+        self._inflight: dict[Hashable, asyncio.Future] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, key: Hashable, compute: Callable[[], Awaitable[tuple[Any, float]]]) -> Any:
+        """`compute` returns (value, seconds to keep it), counted from when the computation started."""
+        cached = self._values.get(key)
+        if cached and cached[1] > self.clock():
+            self.hits += 1
+            return cached[0]
+        if key in self._inflight:
+            self.hits += 1
+            return await asyncio.shield(self._inflight[key])
+        self.misses += 1
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        started = self.clock()
+        try:
+            value, ttl = await compute()
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            self._values[key] = (value, started + ttl)
+            future.set_result(value)
+            return value
+        finally:
+            del self._inflight[key]
+
+    def drop(self, predicate: Callable[[Hashable], bool]) -> int:
+        doomed = [k for k in self._values if predicate(k)]
+        for k in doomed:
+            del self._values[k]
+        return len(doomed)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def basic_header(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+class RegistryClient:
+    """Blocking HTTP to registries and token servers (run in threads), with verified TLS."""
+
+    def __init__(self, timeout: float = 30.0, insecure: bool = False, ca_file: str | None = None):
+        self.timeout = urllib3.Timeout(connect=min(timeout, 10.0), read=timeout)
+        self.insecure = insecure
+        self.ca_file = ca_file
+        self._pools: dict[str, urllib3.PoolManager] = {}
+
+    def _pool(self, connector: Connector) -> urllib3.PoolManager:
+        key = hashlib.sha256((connector.ca_pem or "").encode()).hexdigest()
+        pool = self._pools.get(key)
+        if pool is None:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if not self.ca_file:
+                context.load_default_certs()
+            if connector.ca_pem:
+                context.load_verify_locations(cadata=connector.ca_pem)
+            if self.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            pool = self._pools[key] = urllib3.PoolManager(ssl_context=context, retries=False, timeout=self.timeout)
+        return pool
+
+    def send(
+        self, connector: Connector, method: str, url: str, headers: dict[str, str] | None = None
+    ) -> urllib3.BaseHTTPResponse:
+        host = urlsplit(url).netloc
+        try:
+            return self._pool(connector).request(
+                method, url, headers=headers or {}, redirect=False, decode_content=False
+            )
+        except urllib3.exceptions.SSLError as e:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: TLS verification of {host} failed: {_reason(e)}") from None
+        except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {host} unreachable: {_reason(e)}") from None
+        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError):
+            raise UpstreamError(504, "UNAVAILABLE", f"connector {connector.key}: {host} timed out") from None
+        except urllib3.exceptions.HTTPError as e:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {host} unreachable: {_reason(e)}") from None
+
+    def probe(self, connector: Connector) -> UpstreamChallenge:
+        assert connector.address
+        resp = self.send(connector, "GET", f"{connector.address}/v2/")
+        if resp.status == 401:
+            challenge = oci.pick_challenge(oci.parse_www_authenticate(resp.headers.get("WWW-Authenticate", "")))
+            if challenge and challenge.scheme == "bearer" and challenge.realm:
+                return UpstreamChallenge("bearer", challenge.realm, challenge.service or "")
+            if challenge and challenge.scheme == "basic":
+                return UpstreamChallenge("basic")
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {connector.address.netloc} sent an unusable challenge")
+        if resp.status < 400:
+            return UpstreamChallenge("none")
+        raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {connector.address.netloc} answered GET /v2/ with HTTP {resp.status}")
+
+    def fetch_token(self, connector: Connector, challenge: UpstreamChallenge, scopes: tuple[str, ...]) -> Token:
+        assert connector.address and connector.credentials
+        creds = connector.credentials
+        realm_host = urlsplit(challenge.realm).netloc
+        query = [("service", challenge.service)] if challenge.service else []
+        query += [("scope", s) for s in scopes]
+        url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
+        headers = {}
+        if creds.kind == "basic":
+            refusal = realm_refusal(connector.address, challenge.realm)
+            if refusal:
+                raise UpstreamError(502, "DENIED", f"connector {connector.key}: credentials withheld: {refusal}")
+            headers["Authorization"] = basic_header(creds.username, creds.password)
+        resp = self.send(connector, "GET", url, headers)
+        if resp.status in (401, 403):
+            raise UpstreamError(502, "UNAUTHORIZED", f"connector {connector.key}: the token server {realm_host} rejected the connector's credentials (HTTP {resp.status})")
+        if resp.status != 200:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm_host} answered HTTP {resp.status}")
+        try:
+            body = json.loads(resp.data)
+            value = body.get("token") or body.get("access_token")
+            expires_in = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+        if not isinstance(value, str) or not value:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm_host} sent no token")
+        return Token(value, cache_lifetime(expires_in))
+
+
+def _reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or e
+    return str(reason).split(": ", 1)[-1][:200]
+
+
+def has_body(request: http.Request) -> bool:
+    te = request.headers.get("transfer-encoding", "").lower()
+    return "chunked" in te or int(request.headers.get("content-length", "0") or 0) > 0
+
+
+class CredentialInjector:
+    """The last addon in the chain: puts the upstream Authorization on the request just before it is sent."""
+
+    def __init__(self, outgoing: dict[str, str]):
+        self.outgoing = outgoing
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.stream:  # sent right after this hook
+            self._inject(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._inject(flow)  # buffered requests are sent after this hook
+
+    def _inject(self, flow: http.HTTPFlow) -> None:
+        header = self.outgoing.pop(flow.id, None)
+        if header and not flow.response:
+            flow.request.headers["Authorization"] = header
+
+
+class UpstreamCredentials:
+    def __init__(self, store: ConnectorStore):
+        self.store = store
+        self.tokens = SingleFlightCache()
+        self.challenges = SingleFlightCache()
+        self.client = RegistryClient()
+        self._outgoing: dict[str, str] = {}
+        self.injector = CredentialInjector(self._outgoing)
+        self.token_fetches = 0
+
+    def load(self, loader):
+        loader.add_option("upstream_timeout", int, 30, "Seconds to wait for a registry or token server.")
+
+    def configure(self, updated):
+        if updated & {"upstream_timeout", "ssl_insecure", "ssl_verify_upstream_trusted_ca"}:
+            self.client = RegistryClient(
+                ctx.options.upstream_timeout, ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca
+            )
+
+    def running(self):
+        if self.injector not in ctx.master.addons.chain:
+            ctx.master.addons.add(self.injector)
+
+    def done(self):
+        if self.injector in ctx.master.addons.chain:
+            ctx.master.addons.remove(self.injector)
+
+    # ------------------------------------------------------------ credentials
+
+    async def challenge_for(self, connector: Connector) -> UpstreamChallenge:
+        creds = connector.credentials
+        assert creds is not None
+
+        async def probe():
+            return await asyncio.to_thread(self.client.probe, connector), CHALLENGE_TTL
+
+        return await self.challenges.get((connector.key, creds.version, str(connector.address)), probe)
+
+    async def authorization(self, connector: Connector, scopes: tuple[str, ...]) -> str | None:
+        """The Authorization header for a request needing `scopes`, or None for an open registry."""
+        creds: Credentials = connector.credentials  # type: ignore[assignment]
+        if creds.kind == "bearer":
+            return f"Bearer {creds.token}"
+        challenge = await self.challenge_for(connector)
+        if challenge.kind == "none":
+            return None
+        if challenge.kind == "basic":
+            return basic_header(creds.username, creds.password) if creds.kind == "basic" else None
+
+        async def fetch():
+            self.token_fetches += 1
+            token = await asyncio.to_thread(self.client.fetch_token, connector, challenge, scopes)
+            return token.value, token.lifetime
+
+        key = (connector.key, creds.version, challenge.realm, challenge.service, scopes)
+        return "Bearer " + await self.tokens.get(key, fetch)
+
+    def forget(self, connector: Connector) -> None:
+        """After an unexpected 401: drop the connector's tokens and challenge so both are fetched anew."""
+        self.tokens.drop(lambda k: k[0] == connector.key)
+        self.challenges.drop(lambda k: k[0] == connector.key)
+
+    # ------------------------------------------------------------ hooks
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        route = Route.of(flow)
+        if flow.response or route is None or route.form == "ping":
+            return
+        connector = self.store.get(route.namespace, route.name)
+        if connector is None or connector.address is None:  # removed since client auth looked
+            flow.response = oci.error_response(404, "NAME_UNKNOWN", f"connector {route.connector} not found")
+            return
+        retarget(flow.request, route, connector.address)
+        dataclasses.replace(route, upstream=str(connector.address)).store(flow)
+        query = flow.request.path.partition("?")[2]
+        scopes = oci.required_scopes(flow.request.method, oci.parse_api_path(route.path), query)
+        flow.metadata[UPSTREAM_KEY] = {"scopes": list(scopes), "retry": False, "has_body": has_body(flow.request)}
+        try:
+            header = await self.authorization(connector, scopes)
+        except UpstreamError as e:
+            logger.warning("%s", e)
+            flow.response = e.response()
+            return
+        if header:
+            self._outgoing[flow.id] = header
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(UPSTREAM_KEY)
+        if not state or not flow.response or flow.response.status_code != 401:
+            return
+        route = Route.of(flow)
+        connector = self.store.get(route.namespace, route.name) if route else None
+        if connector:
+            self.forget(connector)
+        # A request without a body can be sent again with a fresh token; keep the 401 unstreamed.
+        state["retry"] = not state["has_body"]
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(UPSTREAM_KEY)
+        if not state or not flow.response or flow.response.status_code != 401:
+            return
+        route = Route.of(flow)
+        connector = self.store.get(route.namespace, route.name) if route else None
+        if connector and state.get("retry"):
+            state["retry"] = False
+            try:
+                flow.response = await self._resend(flow, connector, tuple(state["scopes"]))
+            except UpstreamError as e:
+                flow.response = e.response()
+                return
+            if flow.response.status_code != 401:
+                return
+            flow.response = self._final_401(flow.response, route, fresh=True)
+        else:
+            flow.response = self._final_401(flow.response, route, fresh=False)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._outgoing.pop(flow.id, None)
+        route = Route.of(flow)
+        connector = self.store.get(route.namespace, route.name) if route and route.name else None
+        if connector and flow.error and not flow.response:
+            # Connection failures invalidate what we learnt about the registry.
+            self.challenges.drop(lambda k: k[0] == connector.key)
+
+    async def _resend(self, flow: http.HTTPFlow, connector: Connector, scopes: tuple[str, ...]) -> http.Response:
+        header = await self.authorization(connector, scopes)
+        headers = {
+            k: v for k, v in flow.request.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in ("authorization", "content-length")
+        }
+        if header:
+            headers["Authorization"] = header
+        resp = await asyncio.to_thread(self.client.send, connector, flow.request.method, flow.request.url, headers)
+        out_headers = http.Headers(
+            [(k.encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
+        )
+        return http.Response.make(resp.status, resp.data, out_headers)
+
+    def _final_401(self, upstream: http.Response, route: Route | None, fresh: bool) -> http.Response:
+        """The registry still says 401: never pass its challenge on (it names its own realm)."""
+        name = route.connector if route else "?"
+        challenge = oci.pick_challenge(oci.parse_www_authenticate(upstream.headers.get("WWW-Authenticate", "")))
+        if challenge and challenge.error == "insufficient_scope":
+            return oci.error_response(
+                403, "DENIED",
+                f"connector {name}: the registry refused the connector's credentials for "
+                f"{challenge.params.get('scope') or 'this operation'} (insufficient_scope); "
+                "the credential may lack the permission (push, delete) this needs",
+            )
+        if fresh:
+            return oci.error_response(502, "UNAUTHORIZED", f"connector {name}: the registry rejected a fresh token")
+        # A streamed request can't be replayed: let the client authenticate and send it again.
+        return oci.error_response(401, "UNAUTHORIZED", f"connector {name}: upstream token expired, retry", headers={"WWW-Authenticate": CHALLENGE})

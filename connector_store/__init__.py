@@ -1,0 +1,1 @@
+"""Where connectors come from (a directory of YAML, or a Kubernetes cluster) and what clients get rendered."""

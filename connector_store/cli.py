@@ -1,0 +1,76 @@
+"""`connector-proxy`: start mitmdump (or mitmweb with --web) with the proxy's addons and options.
+
+    connector-proxy --connectors DIR --client-tokens FILE --listen 127.0.0.1:8080 [--web] [-- extra mitmproxy args]
+
+It only assembles a mitmproxy command line: everything it sets can be set by hand with
+`mitmdump -s addons/connector_proxy.py --set ...` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "addons" / "connector_proxy.py"
+# Reverse mode needs an upstream; every routed request is retargeted to its connector, so this
+# placeholder is never contacted (connection_strategy=lazy connects only when a request goes out).
+PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="connector-proxy", description=__doc__.split("\n\n")[0])
+    store = p.add_mutually_exclusive_group(required=True)
+    store.add_argument("--connectors", metavar="DIR", help="directory of Connector and Secret manifests")
+    store.add_argument("--store", choices=["kubernetes"], help="read connectors from a cluster (not in this build yet)")
+    auth = p.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--client-tokens", metavar="FILE", help="static client token file (YAML)")
+    auth.add_argument("--client-auth", choices=["kubernetes"], help="TokenReview/SubjectAccessReview (not in this build yet)")
+    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT")
+    p.add_argument("--web", action="store_true", help="run mitmweb (the interactive debugger) instead of mitmdump")
+    p.add_argument("--flow-detail", type=int, default=1, help="mitmdump flow log detail (0-4, default 1: one line per request)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra mitmproxy arguments")
+    return p
+
+
+def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
+    host, port = ns.listen
+    args = [
+        "-s", str(SCRIPT),
+        "--mode", f"reverse:{PLACEHOLDER_UPSTREAM}@{host}:{port}" if host else f"reverse:{PLACEHOLDER_UPSTREAM}@{port}",
+        "--set", "keep_host_header=true",
+        "--set", "connection_strategy=lazy",
+        "--set", f"connectors_dir={Path(ns.connectors).resolve()}",
+        "--set", f"client_tokens={Path(ns.client_tokens).resolve()}",
+    ]
+    if ns.web:
+        args += ["--set", "web_open_browser=false"]
+    else:
+        args += ["--set", f"flow_detail={ns.flow_detail}"]
+    extra = list(ns.extra)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    return args + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(argv)
+    if ns.store or ns.client_auth:
+        print("connector-proxy: the Kubernetes backends are not part of this build yet", file=sys.stderr)
+        return 2
+    from mitmproxy.tools import main as mitm
+
+    run = mitm.mitmweb if ns.web else mitm.mitmdump
+    return run(mitmproxy_args(ns)) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The test world: real registries (token auth and htpasswd), a real token server, the real proxy.
+
+Passwords and tokens are random per run, so a leak search for them means something.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from localregistry import Registry, TokenServer, free_port
+from proxyproc import ProxyProcess, connector, secret, write_manifests
+
+REGISTRY_USER = "pusher"
+READER_USER = "reader"  # may pull, never push: proves insufficient_scope handling
+HT_USER = "htuser"
+
+
+def pull_only_for_reader(user, rtype, name, actions):
+    if user is None:
+        return []
+    if user == READER_USER:
+        return [a for a in actions if a == "pull"]
+    return list(actions)
+
+
+@dataclass
+class World:
+    tmp: Path
+    token_server: TokenServer
+    registry: Registry
+    ht_registry: Registry
+    registry_password: str
+    reader_password: str
+    ht_password: str
+    builder_token: str  # may use every connector
+    team_token: str  # may use team/* only
+    connectors_dir: Path
+    tokens_file: Path
+    proxy: ProxyProcess | None = None
+    extra_secrets: list[str] = field(default_factory=list)
+
+    @property
+    def secrets(self) -> list[str]:
+        """Everything that must never appear in what the proxy writes or returns."""
+        return [self.registry_password, self.reader_password, self.ht_password, self.builder_token,
+                self.team_token, *self.token_server.issued_tokens, *self.extra_secrets]
+
+
+def write_world_config(w: World) -> None:
+    closed_port = free_port()  # nothing listens there: the "upstream down" connector
+    write_manifests(w.connectors_dir, "connectors.yaml", [
+        connector("default", "harbor", w.registry.url, "harbor-secret", repository="testing/busybox"),
+        secret("default", "harbor-secret", REGISTRY_USER, w.registry_password),
+        connector("default", "readonly", w.registry.url, "reader-secret"),
+        secret("default", "reader-secret", READER_USER, w.reader_password, type="kubernetes.io/basic-auth", encoded=True),
+        connector("team", "other", w.ht_registry.url, "ht-secret"),
+        secret("team", "ht-secret", HT_USER, w.ht_password, type="kubernetes.io/basic-auth"),
+        connector("default", "down", f"http://127.0.0.1:{closed_port}"),
+        connector("default", "broken", w.registry.url, "missing-secret"),
+    ])
+    w.tokens_file.write_text(yaml.safe_dump({"tokens": [
+        {"token": w.builder_token, "subject": "system:serviceaccount:ci:builder", "connectors": ["*"]},
+        {"token": w.team_token, "subject": "system:serviceaccount:team:deployer", "connectors": ["team/*"]},
+    ]}))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    for tool in ("skopeo",):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
+    tmp = tmp_path_factory.mktemp("world")
+    registry_password = "regpw-" + secrets.token_hex(12)
+    reader_password = "readpw-" + secrets.token_hex(12)
+    ht_password = "htpw-" + secrets.token_hex(12)
+    ts = TokenServer("localregistry", {REGISTRY_USER: registry_password, READER_USER: reader_password},
+                     access=pull_only_for_reader).start()
+    reg = Registry(tmp / "registry", "token", token_server=ts).start()
+    ht = Registry(tmp / "htregistry", "htpasswd", htpasswd_users={HT_USER: ht_password}).start()
+    w = World(tmp, ts, reg, ht, registry_password, reader_password, ht_password,
+              "cli-" + secrets.token_hex(16), "team-" + secrets.token_hex(16),
+              tmp / "connectors", tmp / "tokens.yaml")
+    write_world_config(w)
+    w.proxy = ProxyProcess(tmp, w.connectors_dir, w.tokens_file).start()
+    yield w
+    w.proxy.stop()
+    ht.stop()
+    reg.stop()
+    ts.stop()
+
+
+@pytest.fixture
+def proxy(world) -> ProxyProcess:
+    return world.proxy
