@@ -26,6 +26,13 @@ class Scrub:
         for name in CLIENT_CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
 
+    def update(self, flows) -> None:
+        # After every event: runs before mitmweb's view broadcasts the flow. (In the one update
+        # after which the request is sent, the injector adds the header after this has run.)
+        for flow in flows:
+            if isinstance(flow, http.HTTPFlow):
+                self._redact_sent(flow)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact_sent(flow)
 
@@ -39,5 +46,5 @@ class Scrub:
     def _redact_sent(flow: http.HTTPFlow) -> None:
         for name in CLIENT_CREDENTIAL_HEADERS:
             values = flow.request.headers.get_all(name)
-            if values:
+            if values and not all(v.endswith(REDACTED) for v in values):
                 flow.request.headers.set_all(name, [redacted(v) for v in values])

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
+import publicsuffix2
 import urllib3
 from mitmproxy import ctx, http
 
@@ -82,6 +83,7 @@ def realm_refusal(address: Address, realm: str) -> str | None:
 
     Allowed: the registry's host, or a host in its registrable domain (auth.docker.io for
     registry-1.docker.io); https, or http only if the registry itself is plain http.
+    IP addresses and single-label hosts must match exactly.
     """
     parts = urlsplit(realm)
     host = (parts.hostname or "").lower()
@@ -96,11 +98,10 @@ def realm_refusal(address: Address, realm: str) -> str | None:
         return f"token realm host {host} differs from the registry's address {address.host}"
     except ValueError:
         pass
-    labels = address.host.split(".")
-    # registrable domain, approximated without a suffix list: drop the first label of hosts
-    # with three or more labels (registry-1.docker.io -> docker.io), keep two-label hosts as is.
-    domain = ".".join(labels[1:]) if len(labels) >= 3 else address.host
-    if host == domain or host.endswith("." + domain):
+    # The registrable domain (public suffix list): auth.docker.io serves registry-1.docker.io,
+    # but attacker.co.uk does not serve myreg.co.uk.
+    domain = publicsuffix2.get_sld(address.host) or address.host
+    if "." in domain and (host == domain or host.endswith("." + domain)):
         return None
     return f"token realm host {host} is outside the registry's domain {domain}"
 
@@ -118,28 +119,32 @@ class SingleFlightCache:
     async def get(self, key: Hashable, compute: Callable[[], Awaitable[tuple[Any, float]]]) -> Any:
         """`compute` returns (value, seconds to keep it), counted from when the computation started."""
         cached = self._values.get(key)
-        if cached and cached[1] > self.clock():
+        now = self.clock()
+        if cached and cached[1] > now:
             self.hits += 1
             return cached[0]
-        if key in self._inflight:
+        task = self._inflight.get(key)
+        if task is None:
+            self.misses += 1
+            # Its own task: a caller that gives up (client hung up) must not cancel the others' fetch.
+            task = self._inflight[key] = asyncio.ensure_future(self._compute(key, compute, now))
+        else:
             self.hits += 1
-            return await asyncio.shield(self._inflight[key])
-        self.misses += 1
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        started = self.clock()
+        return await asyncio.shield(task)
+
+    async def _compute(self, key: Hashable, compute, started: float) -> Any:
         try:
             value, ttl = await compute()
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # mark retrieved: waiters may be none
-            raise
-        else:
+            self._purge_expired()
             self._values[key] = (value, started + ttl)
-            future.set_result(value)
             return value
         finally:
             del self._inflight[key]
+
+    def _purge_expired(self) -> None:
+        now = self.clock()
+        for k in [k for k, (_, expires) in self._values.items() if expires <= now]:
+            del self._values[k]
 
     def drop(self, predicate: Callable[[Hashable], bool]) -> int:
         doomed = [k for k in self._values if predicate(k)]
@@ -250,22 +255,38 @@ def has_body(request: http.Request) -> bool:
 
 
 class CredentialInjector:
-    """The last addon in the chain: puts the upstream Authorization on the request just before it is sent."""
+    """The last addon in the chain: puts the upstream Authorization on the request just before it is sent.
+
+    mitmproxy runs an `update` hook after every event, and mitmweb's view broadcasts the flow from
+    it. The request goes out right after the `update` that follows `requestheaders` (a streamed
+    body) or `request` (everything else); this addon, last in the chain, injects in exactly that
+    `update`, after the view has already broadcast the flow. The scrub addon redacts the header
+    again at the next event.
+    """
 
     def __init__(self, outgoing: dict[str, str]):
         self.outgoing = outgoing
+        self._armed: set[str] = set()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.request.stream:  # sent right after this hook
-            self._inject(flow)
+        if flow.request.stream and has_body(flow.request) and flow.id in self.outgoing:
+            self._armed.add(flow.id)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        self._inject(flow)  # buffered requests are sent after this hook
+        if flow.id in self.outgoing:
+            self._armed.add(flow.id)
 
-    def _inject(self, flow: http.HTTPFlow) -> None:
-        header = self.outgoing.pop(flow.id, None)
-        if header and not flow.response:
-            flow.request.headers["Authorization"] = header
+    def update(self, flows) -> None:
+        for flow in flows:
+            if flow.id in self._armed:
+                self._armed.discard(flow.id)
+                header = self.outgoing.pop(flow.id, None)
+                if header and not flow.response:
+                    flow.request.headers["Authorization"] = header
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._armed.discard(flow.id)
+        self.outgoing.pop(flow.id, None)
 
 
 class UpstreamCredentials:

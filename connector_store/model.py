@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -62,32 +63,44 @@ class Address:
         return self.origin + self.path_prefix
 
 
+HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*\.?$")
+
+
 def parse_address(url: str) -> Address:
-    """Parse `spec.address`. A bare host (`harbor.example.com`) means https, as registry clients assume."""
+    """Parse `spec.address`. A bare host (`harbor.example.com`) means https, as registry clients assume.
+
+    Error messages never repeat the address: a mistyped one may hold credentials.
+    """
     if not isinstance(url, str) or not url.strip():
         raise ValueError("address is empty")
     url = url.strip()
     if "://" not in url:
         url = "https://" + url
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"address {url!r}: scheme must be http or https")
-    if not parts.hostname:
-        raise ValueError(f"address {url!r} has no host")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:
         raise ValueError("address must not carry credentials; use spec.auth.secretRef")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("scheme must be http or https")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError("address has no host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOST_RE.match(host):
+            raise ValueError(f"{host!r} is not a valid host name") from None
     if parts.query or parts.fragment:
-        raise ValueError(f"address {url!r} must not have a query or fragment")
+        raise ValueError("address must not have a query or fragment")
     try:
         port = parts.port
-    except ValueError as e:
-        raise ValueError(f"address {url!r}: {e}") from None
+    except ValueError:
+        raise ValueError("address has an invalid port") from None
     prefix = parts.path.rstrip("/")
     if prefix.endswith("/v2"):  # people paste the API root; the proxy adds /v2 itself
         prefix = prefix[: -len("/v2")]
     return Address(
         scheme=parts.scheme,  # type: ignore[arg-type]
-        host=parts.hostname.lower(),
+        host=host,
         port=port or (443 if parts.scheme == "https" else 80),
         path_prefix=prefix,
     )
@@ -135,7 +148,7 @@ class Connector:
     name: str
     class_name: str
     address: Address | None
-    raw_address: str = ""
+    raw_address: str = field(default="", repr=False)  # may be mistyped with credentials
     auth_name: str = ""
     params: tuple[tuple[str, str], ...] = ()
     secret_name: str | None = None

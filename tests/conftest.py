@@ -90,6 +90,10 @@ def world(tmp_path_factory) -> World:
     w.proxy = ProxyProcess(tmp, w.connectors_dir, w.tokens_file).start()
     yield w
     w.proxy.stop()
+    # Everything the session's proxy wrote, across all tests, at the most verbose flow detail.
+    written = w.proxy.everything_written()
+    leaked = [i for i, s in enumerate(w.secrets) if s.encode() in written]
+    assert not leaked, f"secrets #{leaked} appear in {w.proxy.log_path} or {w.proxy.flows_path}"
     ht.stop()
     reg.stop()
     ts.stop()

@@ -59,7 +59,11 @@ def basic(user: str, token: str) -> str:
 class ProxyProcess:
     """`connector-proxy` on a free loopback port, at the most verbose flow detail, saving flows with -w."""
 
-    def __init__(self, workdir: Path, connectors_dir: Path, tokens_file: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, connectors_dir: Path, tokens_file: Path, extra: tuple[str, ...] = (),
+                 web: bool = False):
+        self.web = web
+        self.web_port = 0
+        self.web_password = "web-" + os.urandom(8).hex()
         self.workdir = workdir
         self.connectors_dir = connectors_dir
         self.tokens_file = tokens_file
@@ -80,13 +84,19 @@ class ProxyProcess:
 
     def start(self) -> ProxyProcess:
         self.port = free_port()
+        web: list[str] = []
+        if self.web:
+            self.web_port = free_port()
+            web = ["--set", f"web_port={self.web_port}", "--set", f"web_password={self.web_password}"]
         cmd = [
             sys.executable, "-m", "connector_store.cli",
             "--connectors", str(self.connectors_dir),
             "--client-tokens", str(self.tokens_file),
             "--listen", self.host,
             "--flow-detail", "4",
+            *(["--web"] if self.web else []),
             "--",
+            *web,
             "-w", str(self.flows_path),
             "--set", "termlog_verbosity=debug",
             "--set", "connectors_poll_ms=200",

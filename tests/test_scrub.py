@@ -1,0 +1,134 @@
+"""Unit tests for addons/scrub.py: client credentials removed, injected credentials redacted."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from mitmproxy import flow as mflow
+from mitmproxy.test import tflow
+
+from addons.scrub import REDACTED, Scrub, redacted
+
+CLIENT_TOKEN = "client-sa-token-9d8c7b"
+UPSTREAM_TOKEN = "upstream-jwt-abcdef123456"
+BASIC = "Basic " + base64.b64encode(b"admin:registry-password").decode()
+
+
+def flow_with(headers: list[tuple[str, str]]):
+    f = tflow.tflow()
+    for k, v in headers:
+        f.request.headers.add(k, v)
+    return f
+
+
+def dump(f) -> str:
+    return repr(f.get_state())
+
+
+def test_requestheaders_removes_client_credentials():
+    f = flow_with([
+        ("Authorization", f"Bearer {CLIENT_TOKEN}"),
+        ("Proxy-Authorization", "Basic " + base64.b64encode(f"default/harbor:{CLIENT_TOKEN}".encode()).decode()),
+        ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+    ])
+    Scrub().requestheaders(f)
+    assert "authorization" not in f.request.headers
+    assert "proxy-authorization" not in f.request.headers
+    assert f.request.headers["Accept"] == "application/vnd.oci.image.manifest.v1+json"
+    assert CLIENT_TOKEN not in dump(f)
+
+
+def test_requestheaders_removes_repeated_and_oddly_cased_headers():
+    f = flow_with([("authorization", "Bearer a"), ("AUTHORIZATION", "Bearer b"), ("proxy-AUTHORIZATION", "Basic c")])
+    Scrub().requestheaders(f)
+    assert f.request.headers.get_all("authorization") == []
+    assert f.request.headers.get_all("proxy-authorization") == []
+
+
+def test_requestheaders_without_credentials_changes_nothing():
+    f = tflow.tflow()
+    before = list(f.request.headers.items(multi=True))
+    Scrub().requestheaders(f)
+    assert list(f.request.headers.items(multi=True)) == before
+
+
+@pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
+def test_injected_authorization_is_redacted(hook):
+    f = tflow.tflow(resp=True, err=(hook == "error"))
+    f.request.headers["Authorization"] = f"Bearer {UPSTREAM_TOKEN}"
+    getattr(Scrub(), hook)(f)
+    assert f.request.headers["Authorization"] == f"Bearer {REDACTED}"
+    assert UPSTREAM_TOKEN not in dump(f)
+
+
+@pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
+def test_injected_basic_is_redacted(hook):
+    f = tflow.tflow(resp=True)
+    f.request.headers["Authorization"] = BASIC
+    getattr(Scrub(), hook)(f)
+    assert f.request.headers["Authorization"] == f"Basic {REDACTED}"
+    state = dump(f)
+    assert "registry-password" not in state
+    assert BASIC.split(" ")[1] not in state
+
+
+def test_error_without_response_is_redacted():
+    f = tflow.tflow(err=True)
+    assert f.response is None
+    f.request.headers["Authorization"] = f"Bearer {UPSTREAM_TOKEN}"
+    Scrub().error(f)
+    assert UPSTREAM_TOKEN not in dump(f)
+    assert isinstance(f.error, mflow.Error)
+
+
+def test_all_values_of_repeated_headers_are_redacted():
+    f = tflow.tflow(resp=True)
+    f.request.headers.add("Authorization", f"Bearer {UPSTREAM_TOKEN}")
+    f.request.headers.add("Authorization", "Basic Zm9vOmJhcg==")
+    f.request.headers.add("Proxy-Authorization", "Basic c2VjcmV0")
+    Scrub().response(f)
+    assert f.request.headers.get_all("Authorization") == [f"Bearer {REDACTED}", f"Basic {REDACTED}"]
+    assert f.request.headers.get_all("Proxy-Authorization") == [f"Basic {REDACTED}"]
+
+
+def test_redaction_is_idempotent():
+    f = tflow.tflow(resp=True)
+    f.request.headers["Authorization"] = f"Bearer {UPSTREAM_TOKEN}"
+    s = Scrub()
+    s.responseheaders(f)
+    s.response(f)
+    assert f.request.headers["Authorization"] == f"Bearer {REDACTED}"
+
+
+def test_other_headers_untouched_by_redaction():
+    f = tflow.tflow(resp=True)
+    f.request.headers["Authorization"] = f"Bearer {UPSTREAM_TOKEN}"
+    f.request.headers["X-Other"] = "keep-me"
+    Scrub().response(f)
+    assert f.request.headers["X-Other"] == "keep-me"
+    assert f.response.headers["header-response"] == "svalue"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("Bearer abc.def.ghi", f"Bearer {REDACTED}"),
+        ("Basic YWRtaW46YWRtaW4=", f"Basic {REDACTED}"),
+        ("  Bearer   spaced  ", f"Bearer {REDACTED}"),
+        ("bare-secret-without-scheme", REDACTED),
+        ("Bearer", REDACTED),
+        ("", REDACTED),
+        ("   ", REDACTED),
+    ],
+)
+def test_redacted(value, expected):
+    assert redacted(value) == expected
+
+
+def test_redacted_never_contains_the_secret():
+    for secret in ("s3cr3t", "a b c", "x" * 1000):
+        for value in (f"Bearer {secret}", f"Basic {secret}", secret):
+            out = redacted(value)
+            assert secret not in out
+            assert REDACTED in out
