@@ -5,23 +5,18 @@ look it up (404 or 503 for an unusable one), so nobody learns which connectors e
 permission. Clients only send credentials after a challenge, so a request without any gets
 `401` + `WWW-Authenticate: Basic`.
 
-Backends: a static token file (local runs, tests). The client's credential is read here; the
-header itself is removed by the scrub addon before anything records the flow.
+Backends: a static token file (local runs, tests) or the cluster (TokenReview and
+SubjectAccessReview). The client's credential is read here; the header itself is removed by the
+scrub addon before anything records the flow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import dataclasses
 import binascii
-import hashlib
+import dataclasses
 import logging
-import os
-import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import yaml
 from mitmproxy import ctx, exceptions, http
@@ -29,27 +24,12 @@ from mitmproxy import ctx, exceptions, http
 from addons import oci
 from addons.routing import Route
 from addons.store import ConnectorStore
+from connector_store.identity import IdentityBackend, StaticTokens
 
 logger = logging.getLogger(__name__)
 
 CHALLENGE = 'Basic realm="oci-connector-proxy"'
 MAX_CREDENTIAL_LENGTH = 16 * 1024  # ServiceAccount tokens are ~1 KiB; anything huge is garbage
-
-
-@dataclass(frozen=True)
-class Identity:
-    subject: str
-    connectors: tuple[str, ...] = ()  # "ns/name", "ns/*" or "*"; used by the static backend
-
-
-class IdentityBackend(Protocol):
-    def authenticate(self, token: str) -> Identity | None: ...
-    def authorize(self, identity: Identity, namespace: str, name: str) -> bool: ...
-
-
-def token_digest(token: str) -> str:
-    """What we key identities by: never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def parse_client_credential(authorization: str | None) -> str | None:
@@ -70,55 +50,6 @@ def parse_client_credential(authorization: str | None) -> str | None:
     return None
 
 
-def may_use(patterns: tuple[str, ...], namespace: str, name: str) -> bool:
-    return any(p in ("*", f"{namespace}/*", f"{namespace}/{name}") for p in patterns)
-
-
-class StaticTokens:
-    """Tokens from a YAML file: `tokens: [{token, subject, connectors: ["ns/name" | "ns/*" | "*"]}]`.
-
-    Re-read when the file changes, so tokens can be added without a restart.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._by_digest: Mapping[str, Identity] = {}
-        self._mtime: int | None = None
-        self._lock = threading.Lock()
-        self._load()
-
-    def _load(self) -> None:
-        st = self.path.stat()
-        if st.st_mtime_ns == self._mtime:
-            return
-        with self._lock:
-            doc = yaml.safe_load(self.path.read_text()) or {}
-            entries = doc.get("tokens") if isinstance(doc, dict) else None
-            if not isinstance(entries, list):
-                raise ValueError(f"{self.path}: expected a mapping with a 'tokens' list")
-            table: dict[str, Identity] = {}
-            for i, e in enumerate(entries):
-                if not isinstance(e, dict) or not e.get("token") or not e.get("subject"):
-                    raise ValueError(f"{self.path}: tokens[{i}] needs 'token' and 'subject'")
-                connectors = e.get("connectors") or []
-                if not isinstance(connectors, list):
-                    raise ValueError(f"{self.path}: tokens[{i}].connectors must be a list")
-                table[token_digest(str(e["token"]))] = Identity(str(e["subject"]), tuple(map(str, connectors)))
-            self._by_digest = table
-            self._mtime = st.st_mtime_ns
-        logger.info("client tokens loaded from %s: %d identities", self.path, len(table))
-
-    def authenticate(self, token: str) -> Identity | None:
-        try:
-            self._load()
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            logger.error("client token file: %s; keeping the previous tokens", e)
-        return self._by_digest.get(token_digest(token))
-
-    def authorize(self, identity: Identity, namespace: str, name: str) -> bool:
-        return may_use(identity.connectors, namespace, name)
-
-
 def unauthorized(message: str) -> http.Response:
     return oci.error_response(401, "UNAUTHORIZED", message, headers={"WWW-Authenticate": CHALLENGE})
 
@@ -135,6 +66,13 @@ class ClientAuth:
             "client_tokens", str, "",
             "YAML file of client tokens: tokens: [{token, subject, connectors: [ns/name|ns/*|*]}]",
         )
+        loader.add_option(
+            "client_auth", str, "",
+            "'kubernetes': authenticate ServiceAccount tokens with TokenReview and authorize with "
+            "SubjectAccessReview (uses the store's kubeconfig or the in-cluster configuration).",
+        )
+        loader.add_option("token_audiences", str, "", "Comma-separated TokenReview audiences (default: the API server's).")
+        loader.add_option("proxy_permissions", bool, False, "Also require the connectors/proxy subresource.")
 
     def configure(self, updated):
         if "client_tokens" in updated and ctx.options.client_tokens:
@@ -142,8 +80,22 @@ class ClientAuth:
                 self.backend = StaticTokens(ctx.options.client_tokens)
             except (OSError, ValueError, yaml.YAMLError) as e:
                 raise exceptions.OptionsError(f"client_tokens: {e}") from e
+        if updated & {"client_auth", "token_audiences", "proxy_permissions", "kubeconfig"} and ctx.options.client_auth:
+            if ctx.options.client_auth != "kubernetes":
+                raise exceptions.OptionsError(f"client_auth: unknown backend {ctx.options.client_auth!r}")
+            from connector_store.kube import KubeIdentities, api_client
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+            audiences = [a.strip() for a in ctx.options.token_audiences.split(",") if a.strip()]
+            self.backend = KubeIdentities(
+                api_client(ctx.options.kubeconfig or None), audiences, ctx.options.proxy_permissions
+            )
+
+    async def _ask(self, fn, *args):
+        if getattr(self.backend, "blocking", False):
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         route = Route.of(flow)
         if flow.response or route is None:
             return
@@ -154,18 +106,24 @@ class ClientAuth:
             return
         if self.backend is None:
             flow.response = oci.error_response(
-                503, "UNAVAILABLE", "no client authentication backend is configured (client_tokens)"
+                503, "UNAVAILABLE", "no client authentication backend is configured (client_tokens or client_auth)"
             )
             return
-        identity = self.backend.authenticate(token)
-        if identity is None:
-            flow.response = unauthorized(f"invalid or expired token for {target}")
+        try:
+            identity = await self._ask(self.backend.authenticate, token)
+            if identity is None:
+                flow.response = unauthorized(f"invalid or expired token for {target}")
+                return
+            if route.form == "ping":
+                # The shared-host ping names no connector: a valid identity is all it takes.
+                flow.response = oci.ping_response()
+                return
+            allowed = await self._ask(self.backend.authorize, identity, route.namespace, route.name)
+        except Exception as e:  # the API server is down or refuses us: say so, don't crash the flow
+            logger.warning("client authentication for %s failed: %s", target, type(e).__name__)
+            flow.response = oci.error_response(503, "UNAVAILABLE", f"cannot verify the caller's identity for {target} right now")
             return
-        if route.form == "ping":
-            # The shared-host ping names no connector: a valid identity is all it takes.
-            flow.response = oci.ping_response()
-            return
-        if not self.backend.authorize(identity, route.namespace, route.name):
+        if not allowed:
             flow.response = oci.error_response(
                 403, "DENIED", f"{identity.subject} may not use connector {route.connector}"
             )

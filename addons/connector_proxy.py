@@ -4,7 +4,7 @@
         --set keep_host_header=true --set connection_strategy=lazy \
         --set connectors_dir=manifests/examples --set client_tokens=tokens.yaml
 
-connector store -> health -> routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
+connector store (+ status writer) -> health -> routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
 plus the credential injector, which appends itself to the very end of mitmproxy's chain.
 """
 
@@ -21,6 +21,7 @@ from addons.health import Health  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
 from addons.scrub import Scrub  # noqa: E402
+from addons.status import ConnectorStatus  # noqa: E402
 from addons.store import ConnectorStore  # noqa: E402
 from addons.upstream_auth import UpstreamCredentials  # noqa: E402
 
@@ -30,6 +31,7 @@ def make_addons() -> list:
     upstream = UpstreamCredentials(store)
     return [
         store,
+        ConnectorStatus(store),
         Health(store, upstream),
         Routing(),
         ClientAuth(store),

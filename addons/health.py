@@ -55,8 +55,14 @@ class Health:
         if path == "/healthz":
             flow.response = http.Response.make(200, b"ok\n", TEXT)
         elif path == "/readyz":
-            ready = self.store.synced
-            flow.response = http.Response.make(200 if ready else 503, b"ready\n" if ready else b"connector store not synced\n", TEXT)
+            # Stale but synced still serves: the last known connectors keep working while the
+            # API server is away (taking the pod out of its Service would stop every build).
+            if not self.store.synced:
+                flow.response = http.Response.make(503, b"connector store not synced\n", TEXT)
+            elif reason := self.store.stale_reason:
+                flow.response = http.Response.make(200, f"ready, serving the last known connectors: {reason}\n".encode(), TEXT)
+            else:
+                flow.response = http.Response.make(200, b"ready\n", TEXT)
         elif path == "/metrics":
             catalog = self.store.catalog
             body = render_metrics(

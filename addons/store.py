@@ -1,4 +1,8 @@
-"""The connector store addon: owns the backend that knows the connectors and keeps it fresh."""
+"""The connector store addon: owns the backend that knows the connectors and keeps it fresh.
+
+Backends: a directory of YAML (`connectors_dir`, polled for changes) or the cluster
+(`connectors_store=kubernetes`: list+watch with the official client).
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,23 @@ logger = logging.getLogger(__name__)
 
 
 class ConnectorStore:
-    """Options `connectors_dir` and `connectors_poll_ms`; `get()` answers from the latest catalog."""
+    """`get()` answers from the latest catalog of whichever backend is configured."""
 
     def __init__(self) -> None:
-        self.backend: DirectoryStore | None = None
+        self.backend = None  # DirectoryStore | KubeStore
         self._poller: asyncio.Task | None = None
 
     def load(self, loader):
         loader.add_option("connectors_dir", str, "", "Directory of Connector and Secret manifests (YAML).")
         loader.add_option(
             "connectors_poll_ms", int, 1000, "Milliseconds between checks of connectors_dir for changes."
+        )
+        loader.add_option(
+            "connectors_store", str, "", "'kubernetes' to read Connectors and Secrets from the cluster."
+        )
+        loader.add_option("kubeconfig", str, "", "kubeconfig file (default: the in-cluster configuration).")
+        loader.add_option(
+            "connectors_namespaces", str, "", "Comma-separated namespaces to watch (default: all)."
         )
 
     def configure(self, updated):
@@ -32,7 +43,23 @@ class ConnectorStore:
             if not backend.directory.is_dir():
                 raise exceptions.OptionsError(f"connectors_dir {backend.directory} is not a directory")
             backend.refresh()
-            self.backend = backend
+            self._replace(backend)
+        if updated & {"connectors_store", "kubeconfig", "connectors_namespaces"} and ctx.options.connectors_store:
+            if ctx.options.connectors_store != "kubernetes":
+                raise exceptions.OptionsError(f"connectors_store: unknown backend {ctx.options.connectors_store!r}")
+            from connector_store.kube import KubeStore, api_client
+
+            namespaces = [n.strip() for n in ctx.options.connectors_namespaces.split(",") if n.strip()]
+            try:
+                api = api_client(ctx.options.kubeconfig or None)
+            except Exception as e:
+                raise exceptions.OptionsError(f"kubernetes configuration: {e}") from e
+            self._replace(KubeStore(api, namespaces).start())
+
+    def _replace(self, backend) -> None:
+        old, self.backend = self.backend, backend
+        if old is not None and hasattr(old, "stop"):
+            old.stop()
 
     def running(self):
         if self._poller is None:
@@ -41,6 +68,8 @@ class ConnectorStore:
     def done(self):
         if self._poller:
             self._poller.cancel()
+        if self.backend is not None and hasattr(self.backend, "stop"):
+            self.backend.stop()
 
     async def _poll(self) -> None:
         while True:
@@ -55,6 +84,13 @@ class ConnectorStore:
     @property
     def synced(self) -> bool:
         return bool(self.backend and self.backend.synced)
+
+    @property
+    def stale_reason(self) -> str | None:
+        """Why the catalog may be out of date (the API server is unreachable), or None."""
+        if self.backend is not None and getattr(self.backend, "connected", True) is False:
+            return getattr(self.backend, "last_error", None) or "connector source unreachable"
+        return None
 
     def get(self, namespace: str, name: str) -> Connector | None:
         return self.catalog.get(namespace, name)

@@ -1,6 +1,8 @@
 """`connector-proxy`: start mitmdump (or mitmweb with --web) with the proxy's addons and options.
 
-    connector-proxy --connectors DIR --client-tokens FILE --listen 127.0.0.1:8080 [--web] [-- extra mitmproxy args]
+    connector-proxy (--connectors DIR | --store kubernetes [--kubeconfig PATH] [--namespace NS]...)
+                    (--client-tokens FILE | --client-auth kubernetes [--token-audience AUD] [--proxy-permissions])
+                    --listen HOST:PORT [--web] [-- extra mitmproxy args]
 
 It only assembles a mitmproxy command line: everything it sets can be set by hand with
 `mitmdump -s addons/connector_proxy.py --set ...` (see the README).
@@ -29,10 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connector-proxy", description=__doc__.split("\n\n")[0])
     store = p.add_mutually_exclusive_group(required=True)
     store.add_argument("--connectors", metavar="DIR", help="directory of Connector and Secret manifests")
-    store.add_argument("--store", choices=["kubernetes"], help="read connectors from a cluster (not in this build yet)")
+    store.add_argument("--store", choices=["kubernetes"], help="read Connectors and Secrets from the cluster")
+    p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig (default: in-cluster configuration)")
+    p.add_argument("--namespace", action="append", default=[], metavar="NS",
+                   help="watch only this namespace (repeatable; default: all)")
     auth = p.add_mutually_exclusive_group(required=True)
     auth.add_argument("--client-tokens", metavar="FILE", help="static client token file (YAML)")
-    auth.add_argument("--client-auth", choices=["kubernetes"], help="TokenReview/SubjectAccessReview (not in this build yet)")
+    auth.add_argument("--client-auth", choices=["kubernetes"],
+                      help="ServiceAccount tokens: TokenReview, then SubjectAccessReview on the connector")
+    p.add_argument("--token-audience", action="append", default=[], metavar="AUD",
+                   help="TokenReview audience (repeatable; default: the API server's)")
+    p.add_argument("--proxy-permissions", action="store_true",
+                   help="also require the connectors/proxy subresource")
+    p.add_argument("--no-status", action="store_true", help="with --store kubernetes: do not write Connector status")
+    p.add_argument("--external-url", default="", metavar="URL",
+                   help="base URL of the proxy outside the cluster (NodePort, Ingress) for status addresses")
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT")
     p.add_argument("--web", action="store_true", help="run mitmweb (the interactive debugger) instead of mitmdump")
     p.add_argument("--flow-detail", type=int, default=1, help="mitmdump flow log detail (0-4, default 1: one line per request)")
@@ -47,9 +60,25 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
         "--mode", f"reverse:{PLACEHOLDER_UPSTREAM}@{host}:{port}" if host else f"reverse:{PLACEHOLDER_UPSTREAM}@{port}",
         "--set", "keep_host_header=true",
         "--set", "connection_strategy=lazy",
-        "--set", f"connectors_dir={Path(ns.connectors).resolve()}",
-        "--set", f"client_tokens={Path(ns.client_tokens).resolve()}",
     ]
+    if ns.connectors:
+        args += ["--set", f"connectors_dir={Path(ns.connectors).resolve()}"]
+    else:
+        args += ["--set", "connectors_store=kubernetes", "--set", f"status_writer={str(not ns.no_status).lower()}"]
+        if ns.namespace:
+            args += ["--set", f"connectors_namespaces={','.join(ns.namespace)}"]
+    if ns.kubeconfig:
+        args += ["--set", f"kubeconfig={Path(ns.kubeconfig).resolve()}"]
+    if ns.external_url:
+        args += ["--set", f"external_url={ns.external_url}"]
+    if ns.client_tokens:
+        args += ["--set", f"client_tokens={Path(ns.client_tokens).resolve()}"]
+    else:
+        args += ["--set", "client_auth=kubernetes"]
+        if ns.token_audience:
+            args += ["--set", f"token_audiences={','.join(ns.token_audience)}"]
+        if ns.proxy_permissions:
+            args += ["--set", "proxy_permissions=true"]
     if ns.web:
         args += ["--set", "web_open_browser=false"]
     else:
@@ -63,9 +92,6 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
-    if ns.store or ns.client_auth:
-        print("connector-proxy: the Kubernetes backends are not part of this build yet", file=sys.stderr)
-        return 2
     from mitmproxy.tools import main as mitm
 
     run = mitm.mitmweb if ns.web else mitm.mitmdump

@@ -156,6 +156,7 @@ class Connector:
     credentials: Credentials | None = None
     ca_pem: str | None = field(default=None, repr=False)
     problem: str | None = None  # why the connector is not usable; None when it is
+    reason: str = ""  # the problem as a CamelCase condition reason (SecretNotFound, InvalidAddress, ...)
 
     @property
     def key(self) -> str:
@@ -302,32 +303,32 @@ def parse_connector(doc: Mapping[str, Any], secrets: Mapping[str, Secret]) -> Co
     )
     where = f"connector {namespace}/{name}"
 
-    def unusable(reason: str) -> Connector:
-        return Connector(**fields, problem=reason)
+    def unusable(reason: str, problem: str) -> Connector:
+        return Connector(**fields, problem=problem, reason=reason)
 
     if fields["class_name"] != OCI_CLASS:
-        return unusable(f"{where} has connectorClassName {fields['class_name']!r}, not {OCI_CLASS!r}")
+        return unusable("UnsupportedClass", f"{where} has connectorClassName {fields['class_name']!r}, not {OCI_CLASS!r}")
     try:
         fields["address"] = parse_address(fields["raw_address"])
     except ValueError as e:
-        return unusable(f"{where}: spec.address: {e}")
+        return unusable("InvalidAddress", f"{where}: spec.address: {e}")
     if fields["ca_secret_name"]:
         ca_secret = secrets.get(f"{namespace}/{fields['ca_secret_name']}")
         if ca_secret is None:
-            return unusable(f"{where}: CA secret {namespace}/{fields['ca_secret_name']} not found")
+            return unusable("CASecretNotFound", f"{where}: CA secret {namespace}/{fields['ca_secret_name']} not found")
         try:
             fields["ca_pem"] = _ca_from_secret(ca_secret)
         except ValueError as e:
-            return unusable(f"{where}: {e}")
+            return unusable("CASecretInvalid", f"{where}: {e}")
     if not fields["secret_name"]:
         return Connector(**fields, credentials=ANONYMOUS)
     secret = secrets.get(f"{namespace}/{fields['secret_name']}")
     if secret is None:
-        return unusable(f"{where}: secret {namespace}/{fields['secret_name']} not found")
+        return unusable("SecretNotFound", f"{where}: secret {namespace}/{fields['secret_name']} not found")
     try:
         creds = credentials_from_secret(secret, fields["address"])
     except ValueError as e:
-        return unusable(f"{where}: {e}")
+        return unusable("SecretInvalid", f"{where}: {e}")
     return Connector(**fields, credentials=creds)
 
 

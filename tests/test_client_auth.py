@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -11,14 +12,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons.client_auth import (
-    ClientAuth,
-    Identity,
-    StaticTokens,
-    may_use,
-    parse_client_credential,
-    token_digest,
-)
+from addons.client_auth import ClientAuth, parse_client_credential
+from connector_store.identity import Identity, StaticTokens, may_use, token_digest
 from addons.routing import Route, Routing
 from addons.store import ConnectorStore
 from connector_store.files import DirectoryStore
@@ -220,7 +215,7 @@ def run(addon: ClientAuth, path: str, authorization: str | None = None, host: st
         f.request.headers["Authorization"] = authorization
     Routing().requestheaders(f)
     assert f.response is None, "routing must accept the request"
-    addon.requestheaders(f)
+    asyncio.run(addon.requestheaders(f))
     return f
 
 
@@ -358,11 +353,11 @@ def test_token_never_appears_in_any_response(env):
 
 def test_already_answered_or_unrouted_flows_are_left_alone(env):
     f = tflow.tflow()
-    env.requestheaders(f)  # no route: not a registry request
+    asyncio.run(env.requestheaders(f))  # no route: not a registry request
     assert f.response is None
     g = tflow.tflow(resp=True)
     Route("path", "default", "harbor", "http://p", "namespaces/default/connectors/harbor", "/v2/a/tags/list").store(g)
-    env.requestheaders(g)
+    asyncio.run(env.requestheaders(g))
     assert g.response.status_code == 200 and g.response.content == b"message"
 
 
