@@ -176,11 +176,13 @@ def registry_host(connector: Connector, proxy_url: str | None = None) -> str:
 
 
 def proxy_address(connector: Connector, proxy_url: str | None = None) -> str:
-    """The connector's proxy address: path form on `proxy_url`, else the in-cluster host form."""
+    """The connector's proxy address, as its status advertises it: the path-form prefix on
+    `proxy_url`, else on the in-cluster host-form host (where it works in both forms)."""
+    path = f"/namespaces/{connector.namespace}/connectors/{connector.name}"
     if not proxy_url:
-        return f"http://{_host_form_host(connector)}"
+        return f"http://{_host_form_host(connector)}{path}"
     scheme, netloc = _proxy_origin(proxy_url)
-    return f"{scheme}://{netloc}/namespaces/{connector.namespace}/connectors/{connector.name}"
+    return f"{scheme}://{netloc}{path}"
 
 
 def _distinct(values: Iterable[str]) -> tuple[str, ...]:

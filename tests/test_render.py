@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from connector_store.model import Credentials, build_catalog, parse_address, Connector
+from connector_store.model import Connector, Credentials, build_catalog, parse_address
 from connector_store.render import (
     AUTH_USER,
     RenderError,
@@ -106,7 +106,7 @@ def test_rendering_twice_is_byte_identical(case):
 
 
 def test_host_form_address_and_host():
-    assert proxy_address(HARBOR) == "http://c-harbor.default.svc.cluster.local"
+    assert proxy_address(HARBOR) == "http://c-harbor.default.svc.cluster.local/namespaces/default/connectors/harbor"
     assert registry_host(HARBOR) == "c-harbor.default.svc.cluster.local"
 
 
