@@ -90,7 +90,8 @@ class ClientAuth:
                 api_client(ctx.options.kubeconfig or None), audiences, ctx.options.proxy_permissions
             )
 
-    async def _ask(self, fn, *args):
+    async def ask(self, fn, *args):
+        """Call a backend method, off the event loop when it may wait on the network."""
         if getattr(self.backend, "blocking", False):
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
@@ -110,7 +111,7 @@ class ClientAuth:
             )
             return
         try:
-            identity = await self._ask(self.backend.authenticate, token)
+            identity = await self.ask(self.backend.authenticate, token)
             if identity is None:
                 flow.response = unauthorized(f"invalid or expired token for {target}")
                 return
@@ -118,7 +119,7 @@ class ClientAuth:
                 # The shared-host ping names no connector: a valid identity is all it takes.
                 flow.response = oci.ping_response()
                 return
-            allowed = await self._ask(self.backend.authorize, identity, route.namespace, route.name)
+            allowed = await self.ask(self.backend.authorize, identity, route.namespace, route.name)
         except Exception as e:  # the API server is down or refuses us: say so, don't crash the flow
             logger.warning("client authentication for %s failed: %s", target, type(e).__name__)
             flow.response = oci.error_response(503, "UNAVAILABLE", f"cannot verify the caller's identity for {target} right now")

@@ -4,8 +4,8 @@
         --set keep_host_header=true --set connection_strategy=lazy \
         --set connectors_dir=manifests/examples --set client_tokens=tokens.yaml
 
-connector store (+ status writer) -> health -> routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
-plus the credential injector, which appends itself to the very end of mitmproxy's chain.
+connector store (+ status writer) -> health, client config -> routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
+plus scrub's LateSecrets, which appends itself to the very end of mitmproxy's chain.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # loaded by path with `-s`: make the project impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from addons.client_auth import ClientAuth  # noqa: E402
+from addons.client_config import ClientConfig  # noqa: E402
 from addons.health import Health  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
@@ -28,16 +29,19 @@ from addons.upstream_auth import UpstreamCredentials  # noqa: E402
 
 def make_addons() -> list:
     store = ConnectorStore()
-    upstream = UpstreamCredentials(store)
+    scrub = Scrub()
+    upstream = UpstreamCredentials(store, scrub.late)
+    client_auth = ClientAuth(store)
     return [
         store,
         ConnectorStatus(store),
         Health(store, upstream),
+        ClientConfig(store, client_auth, scrub.late),
         Routing(),
-        ClientAuth(store),
+        client_auth,
         upstream,
         Rewrite(),
-        Scrub(),
+        scrub,
     ]
 
 

@@ -181,6 +181,14 @@ def required_scopes(method: str, api: ApiPath, query: str = "") -> tuple[str, ..
     return tuple(sorted(scopes))
 
 
+def has_body(request: http.Request) -> bool:
+    """Whether a body follows the headers (the request can then not be sent twice)."""
+    if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        return True
+    length = request.headers.get("content-length", "0").strip() or "0"
+    return not length.isdigit() or int(length) > 0
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -7,11 +7,10 @@ service, scopes) until shortly before they expire, and concurrent requests for o
 fetch (single flight): skopeo opens a connection per request and buildkit pushes layers in
 parallel, and token traffic must not grow with either.
 
-Secrecy: the header we inject must never be seen by anything that records flows. mitmweb's view
-records a flow in its `requestheaders` hook, which runs after ours, so the header is set by
-`CredentialInjector`, an addon appended at the very end of the chain, and removed again by the
-scrub addon as soon as the request has gone out. Neither upstream credentials nor upstream tokens
-are ever returned to the client; the registry's own 401 challenge never reaches it either.
+Secrecy: the header is handed to the scrub addon's `LateSecrets`, which sets it at the last moment
+before the request goes out, after everything that records flows has seen it (see scrub.py).
+Neither upstream credentials nor upstream tokens are ever returned to the client; the registry's
+own 401 challenge never reaches it either.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from mitmproxy import ctx, http
 from addons import oci
 from addons.client_auth import CHALLENGE
 from addons.routing import Route, retarget
+from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
 from connector_store.model import Address, Connector, Credentials
 
@@ -249,54 +249,13 @@ def _reason(e: Exception) -> str:
     return str(reason).split(": ", 1)[-1][:200]
 
 
-def has_body(request: http.Request) -> bool:
-    te = request.headers.get("transfer-encoding", "").lower()
-    return "chunked" in te or int(request.headers.get("content-length", "0") or 0) > 0
-
-
-class CredentialInjector:
-    """The last addon in the chain: puts the upstream Authorization on the request just before it is sent.
-
-    mitmproxy runs an `update` hook after every event, and mitmweb's view broadcasts the flow from
-    it. The request goes out right after the `update` that follows `requestheaders` (a streamed
-    body) or `request` (everything else); this addon, last in the chain, injects in exactly that
-    `update`, after the view has already broadcast the flow. The scrub addon redacts the header
-    again at the next event.
-    """
-
-    def __init__(self, outgoing: dict[str, str]):
-        self.outgoing = outgoing
-        self._armed: set[str] = set()
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.request.stream and has_body(flow.request) and flow.id in self.outgoing:
-            self._armed.add(flow.id)
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.id in self.outgoing:
-            self._armed.add(flow.id)
-
-    def update(self, flows) -> None:
-        for flow in flows:
-            if flow.id in self._armed:
-                self._armed.discard(flow.id)
-                header = self.outgoing.pop(flow.id, None)
-                if header and not flow.response:
-                    flow.request.headers["Authorization"] = header
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._armed.discard(flow.id)
-        self.outgoing.pop(flow.id, None)
-
-
 class UpstreamCredentials:
-    def __init__(self, store: ConnectorStore):
+    def __init__(self, store: ConnectorStore, secrets: LateSecrets):
         self.store = store
+        self.secrets = secrets
         self.tokens = SingleFlightCache()
         self.challenges = SingleFlightCache()
         self.client = RegistryClient()
-        self._outgoing: dict[str, str] = {}
-        self.injector = CredentialInjector(self._outgoing)
         self.token_fetches = 0
 
     def load(self, loader):
@@ -307,14 +266,6 @@ class UpstreamCredentials:
             self.client = RegistryClient(
                 ctx.options.upstream_timeout, ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca
             )
-
-    def running(self):
-        if self.injector not in ctx.master.addons.chain:
-            ctx.master.addons.add(self.injector)
-
-    def done(self):
-        if self.injector in ctx.master.addons.chain:
-            ctx.master.addons.remove(self.injector)
 
     # ------------------------------------------------------------ credentials
 
@@ -365,7 +316,7 @@ class UpstreamCredentials:
         dataclasses.replace(route, upstream=str(connector.address)).store(flow)
         query = flow.request.path.partition("?")[2]
         scopes = oci.required_scopes(flow.request.method, oci.parse_api_path(route.path), query)
-        flow.metadata[UPSTREAM_KEY] = {"scopes": list(scopes), "retry": False, "has_body": has_body(flow.request)}
+        flow.metadata[UPSTREAM_KEY] = {"scopes": list(scopes), "retry": False, "has_body": oci.has_body(flow.request)}
         try:
             header = await self.authorization(connector, scopes)
         except UpstreamError as e:
@@ -373,7 +324,7 @@ class UpstreamCredentials:
             flow.response = e.response()
             return
         if header:
-            self._outgoing[flow.id] = header
+            self.secrets.request_header(flow, "Authorization", header)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(UPSTREAM_KEY)
@@ -406,7 +357,6 @@ class UpstreamCredentials:
             flow.response = self._final_401(flow.response, route, fresh=False)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._outgoing.pop(flow.id, None)
         route = Route.of(flow)
         connector = self.store.get(route.namespace, route.name) if route and route.name else None
         if connector and flow.error and not flow.response:

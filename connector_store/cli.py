@@ -4,7 +4,9 @@
                     (--client-tokens FILE | --client-auth kubernetes [--token-audience AUD] [--proxy-permissions])
                     --listen HOST:PORT [--web] [-- extra mitmproxy args]
 
-It only assembles a mitmproxy command line: everything it sets can be set by hand with
+`connector-proxy config render ...` renders client configuration instead (see render_cli.py).
+
+The proxy launcher only assembles a mitmproxy command line: everything it sets can be set by hand with
 `mitmdump -s addons/connector_proxy.py --set ...` (see the README).
 """
 
@@ -91,6 +93,10 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["config", "render"]:
+        from connector_store import render_cli
+
+        return render_cli.main(argv[2:])
     ns = build_parser().parse_args(argv)
     from mitmproxy.tools import main as mitm
 

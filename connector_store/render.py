@@ -25,7 +25,8 @@ Configuration names (`configuration.names`, comma-separated, whitespace tolerate
 
 Proxy addresses: with a proxy URL (`--proxy-url`, e.g. a NodePort `http://192.168.1.5:31567`) the
 path form `<proxy-url>/namespaces/<ns>/connectors/<name>`, whose registry host is the URL's
-host[:port]; without one, the in-cluster host form `http://c-<name>.<ns>.svc.cluster.local`.
+host[:port]; without one, the in-cluster host form `http://c-<name>.<ns>.svc.cluster.local`, with the
+same path prefix (the address the Connector's status advertises; it routes in both forms).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import urllib3
 from mitmproxy.test import taddons, tflow
 
 from addons.routing import Route
+from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
 from addons.upstream_auth import UpstreamCredentials
 from conftest import REGISTRY_USER
@@ -43,7 +44,8 @@ def upstream_in_process(world, tmp_path):
         secret("default", "harbor-secret", REGISTRY_USER, world.registry_password),
     ])
     store = ConnectorStore()
-    upstream = UpstreamCredentials(store)
+    late = LateSecrets()
+    upstream = UpstreamCredentials(store, late)
     now = [1000.0]
     upstream.tokens.clock = lambda: now[0]
     with taddons.context(store, upstream) as tctx:
@@ -57,7 +59,7 @@ async def authorize(upstream, path: str) -> str:
     Route("path", "default", "harbor", "http://proxy", "namespaces/default/connectors/harbor", path).store(flow)
     await upstream.requestheaders(flow)
     assert flow.response is None, flow.response and flow.response.content
-    return upstream._outgoing.pop(flow.id)
+    return upstream.secrets._headers.pop(flow.id)[1]
 
 
 async def test_expired_token_is_replaced_before_use(world, upstream_in_process):
