@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # loaded by path with `-s`: make the project impo
 from addons.client_auth import ClientAuth  # noqa: E402
 from addons.client_config import ClientConfig  # noqa: E402
 from addons.health import Health  # noqa: E402
+from addons.listener import PlainHttpListener  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
 from addons.scrub import Scrub  # noqa: E402
@@ -33,6 +34,7 @@ def make_addons() -> list:
     upstream = UpstreamCredentials(store, scrub.late)
     client_auth = ClientAuth(store)
     return [
+        PlainHttpListener(),
         store,
         ConnectorStatus(store),
         Health(store, upstream),

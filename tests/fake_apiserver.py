@@ -40,8 +40,10 @@ Faithful to the real API server
   operations), ``application/strategic-merge-patch+json`` (see simplifications). Server-side apply is 415.
 - Secrets: ``stringData`` is folded into base64 ``data`` and never stored; invalid base64 in ``data`` is a 400;
   ``type`` defaults to ``Opaque``. Services get a clusterIP and the usual defaults. Namespaces are ``Active``.
-- Finalizers: deleting an object that has ``metadata.finalizers`` sets ``deletionTimestamp`` (MODIFIED); it is
-  removed (DELETED) once an update empties the finalizers. Deleting a namespace deletes its contents.
+- DELETE answers a ``Success`` Status for Secrets, ConfigMaps and Leases and the deleted object for Services,
+  Namespaces and custom resources (as the real registries do). Finalizers: deleting an object that has
+  ``metadata.finalizers`` sets ``deletionTimestamp`` (MODIFIED); it is removed (DELETED) once an update empties the
+  finalizers. Deleting a namespace deletes its contents. deletecollection honours selectors.
 - Watch: chunked response, one JSON event per line; ``resourceVersion`` ""/"0" (or ``sendInitialEvents=true``) first
   sends synthetic ADDED events for the current state; otherwise all retained events after that resourceVersion are
   replayed, then live events follow. With a label/field selector an object that starts or stops matching is sent as
@@ -65,6 +67,8 @@ Simplified (documented deviations)
   ignored (lists are always current). No managedFields, no server-side apply, no schema validation of the CRD, no
   admission, no graceful deletion periods, no ownerReference garbage collection.
 - Namespaces are created implicitly when an object is stored in one (a real server answers 404 for a missing one).
+- Callers authenticate with an admin token (``admin_tokens``, default ``admin-token``) or any token of the
+  TokenReview table that is valid for the API server's audiences.
 - Authorization of callers is off by default: every authenticated caller may do everything. Set
   ``server.authorize_callers = True`` to check callers that are not admins against the same rules as
   SubjectAccessReviews (403 Forbidden with the real message).
@@ -76,8 +80,24 @@ Test hooks
 ``compact()`` drops the retained watch history (the next watch from an older resourceVersion gets 410);
 ``disconnect_watches(abrupt=False)`` ends every open watch stream (cleanly, like a server-side timeout, or with
 ``abrupt=True`` by cutting the connection mid-stream, like a crash); ``wait_for_watches(n)`` waits until n watch
-streams are established; ``fail_next(n, status)`` makes the next n matching requests fail; ``requests``,
-``request_log``, ``count()`` and ``bodies()`` record what the clients did.
+streams are established and ``wait_for_no_watches()`` until none is; ``stop()`` refuses further requests on open
+keep-alive connections, ends every watch stream and closes every connection before it returns;
+``fail_next(n, status)`` makes the next n matching requests fail; ``requests``, ``request_log``, ``count()`` and
+``bodies()`` record what the clients did.
+
+What the kubernetes client v37 does (checked against this server)
+-----------------------------------------------------------------
+- ``Watch().stream`` sends ``watch=true`` plus ``resourceVersion``/``allowWatchBookmarks=true``/``timeoutSeconds``
+  as given (``resource_version`` must be a str: the v37 API methods are pydantic-validated). On an ``ERROR`` event
+  with code 410 it retries ONCE from the same resourceVersion unless ``timeout_seconds`` was given, then raises
+  ``ApiException(status=410, reason="Expired: too old resource version: ...")``. A non-2xx watch response raises
+  ``ApiException`` at once.
+- When a stream ends cleanly it reconnects by itself from the last resourceVersion it saw (events and bookmarks),
+  unless ``timeout_seconds`` was given (then the generator just ends). A connection cut mid-stream raises
+  ``urllib3.exceptions.ProtocolError``; a refused reconnect raises ``urllib3.exceptions.MaxRetryError``.
+- ``CoreV1Api.patch_*`` sends a dict as ``application/strategic-merge-patch+json`` and a list as
+  ``application/json-patch+json``; ``CustomObjectsApi.patch_*`` always sends ``application/merge-patch+json``
+  unless ``_content_type=`` says otherwise (a JSON patch list sent as merge patch is a 400 here).
 """
 
 from __future__ import annotations

@@ -124,3 +124,19 @@ def test_health_endpoints_need_no_credentials_and_reveal_none(world, proxy):
     assert 'connector_proxy_connectors 5' in text
     for s in world.secrets:
         assert s not in text
+
+
+def test_reverse_listener_refuses_tls_so_clients_fall_back_to_http(world, proxy):
+    import socket
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                tls.recv(10)
+    # and plain HTTP keeps working for everyone
+    assert proxy.request("GET", "/v2/", auth=basic("x", world.builder_token)).status == 200
