@@ -281,6 +281,10 @@ class UpstreamCredentials:
     async def authorization(self, connector: Connector, scopes: tuple[str, ...]) -> str | None:
         """The Authorization header for a request needing `scopes`, or None for an open registry."""
         creds: Credentials = connector.credentials  # type: ignore[assignment]
+        # A rotated Secret: whatever was learnt or fetched with the old credentials goes now.
+        stale = lambda k: k[0] == connector.key and k[1] != creds.version  # noqa: E731
+        self.tokens.drop(stale)
+        self.challenges.drop(stale)
         if creds.kind == "bearer":
             return f"Bearer {creds.token}"
         challenge = await self.challenge_for(connector)

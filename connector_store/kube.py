@@ -131,6 +131,9 @@ class KubeStore:
                 self._disconnected(f"API server error watching {where}: {e.status} {e.reason}")
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
                 self._disconnected(f"API server unreachable watching {where}: {type(e).__name__}: {e}")
+            except Exception as e:  # never let the watch thread die: keep serving, try again
+                logger.exception("unexpected error watching %s", where)
+                self._disconnected(f"error watching {where}: {type(e).__name__}")
             if self._stop.wait(backoff):
                 return
             backoff = min(backoff * 2, self.backoff_max)
@@ -163,10 +166,10 @@ class KubeStore:
         try:
             for event in w.stream(informer.list_fn, resource_version=resource_version,
                                   allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT,
-                                  _request_timeout=(10, WATCH_TIMEOUT + 30), deserialize=False):
+                                  _request_timeout=(10, WATCH_TIMEOUT + 30)):
                 if self._stop.is_set():
                     break
-                obj = event.get("object") or {}
+                obj = event.get("raw_object") or {}
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if rv:
                     resource_version = rv

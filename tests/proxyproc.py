@@ -59,8 +59,10 @@ def basic(user: str, token: str) -> str:
 class ProxyProcess:
     """`connector-proxy` on a free loopback port, at the most verbose flow detail, saving flows with -w."""
 
-    def __init__(self, workdir: Path, connectors_dir: Path, tokens_file: Path, extra: tuple[str, ...] = (),
-                 web: bool = False):
+    def __init__(self, workdir: Path, connectors_dir: Path | None, tokens_file: Path | None,
+                 extra: tuple[str, ...] = (), web: bool = False, source: tuple[str, ...] = ()):
+        """`source`: launcher arguments replacing --connectors/--client-tokens (e.g. the Kubernetes backends)."""
+        self.source = source or ("--connectors", str(connectors_dir), "--client-tokens", str(tokens_file))
         self.web = web
         self.web_port = 0
         self.web_password = "web-" + os.urandom(8).hex()
@@ -90,8 +92,7 @@ class ProxyProcess:
             web = ["--set", f"web_port={self.web_port}", "--set", f"web_password={self.web_password}"]
         cmd = [
             sys.executable, "-m", "connector_store.cli",
-            "--connectors", str(self.connectors_dir),
-            "--client-tokens", str(self.tokens_file),
+            *self.source,
             "--listen", self.host,
             "--flow-detail", "4",
             *(["--web"] if self.web else []),
