@@ -100,6 +100,9 @@ class ClientAuth:
         route = Route.of(flow)
         if flow.response or route is None:
             return
+        if route.form == "forward":  # identity checked and bound on CONNECT by the forward addon
+            self._serve(flow, route, route.subject)
+            return
         token = parse_client_credential(flow.request.headers.get("authorization"))
         target = f"connector {route.connector}" if route.name else "this proxy"
         if token is None:
@@ -129,6 +132,10 @@ class ClientAuth:
                 403, "DENIED", f"{identity.subject} may not use connector {route.connector}"
             )
             return
+        self._serve(flow, route, identity.subject)
+
+    def _serve(self, flow: http.HTTPFlow, route: Route, subject: str) -> None:
+        """The caller may use the connector: 404/503 if it can't be served, the ping answered here."""
         connector = self.store.get(route.namespace, route.name)
         if connector is None:
             flow.response = oci.error_response(404, "NAME_UNKNOWN", f"connector {route.connector} not found")
@@ -141,4 +148,4 @@ class ClientAuth:
         if route.path in ("/v2", "/v2/"):
             # The connector's own ping: answered here, the upstream is authenticated per request.
             flow.response = oci.ping_response()
-        dataclasses.replace(route, subject=identity.subject).store(flow)
+        dataclasses.replace(route, subject=subject).store(flow)

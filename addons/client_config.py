@@ -24,6 +24,7 @@ from mitmproxy import ctx, http
 
 from addons import oci
 from addons.client_auth import ClientAuth, parse_client_credential, unauthorized
+from addons.routing import is_reverse
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
 from connector_store.render import RenderError, RenderRequest, render
@@ -56,7 +57,7 @@ class ClientConfig:
         loader.add_option("forward_ca_cert", str, "", "PEM file of the forward proxy's CA certificate (for rendered ca.crt).")
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.request.path.partition("?")[0] != PATH:
+        if flow.response or not is_reverse(flow) or flow.request.path.partition("?")[0] != PATH:
             return
         if flow.request.method not in ("GET", "HEAD"):
             flow.response = oci.error_response(405, "UNSUPPORTED", f"{PATH} answers GET only")

@@ -4,7 +4,7 @@
         --set keep_host_header=true --set connection_strategy=lazy \
         --set connectors_dir=manifests/examples --set client_tokens=tokens.yaml
 
-connector store (+ status writer) -> health, client config -> routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
+connector store (+ status writer) -> health, client config -> forward/reverse routing -> client auth -> upstream auth -> streaming and rewrites -> scrub,
 plus scrub's LateSecrets, which appends itself to the very end of mitmproxy's chain.
 """
 
@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # loaded by path with `-s`: make the project impo
 
 from addons.client_auth import ClientAuth  # noqa: E402
 from addons.client_config import ClientConfig  # noqa: E402
+from addons.forward import ForwardProxy  # noqa: E402
 from addons.health import Health  # noqa: E402
 from addons.listener import PlainHttpListener  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
@@ -39,6 +40,7 @@ def make_addons() -> list:
         ConnectorStatus(store),
         Health(store, upstream),
         ClientConfig(store, client_auth, scrub.late),
+        ForwardProxy(store, client_auth),
         Routing(),
         client_auth,
         upstream,

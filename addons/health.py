@@ -6,7 +6,7 @@ from collections import Counter
 
 from mitmproxy import http
 
-from addons.routing import Route
+from addons.routing import Route, is_reverse
 from addons.store import ConnectorStore
 from addons.upstream_auth import UpstreamCredentials
 
@@ -51,6 +51,8 @@ class Health:
         self.responses: Counter = Counter()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not is_reverse(flow):  # on the forward listener these paths belong to other hosts
+            return
         path = flow.request.path.partition("?")[0]
         if path == "/healthz":
             flow.response = http.Response.make(200, b"ok\n", TEXT)

@@ -17,6 +17,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import oci
 from connector_store.model import Address
@@ -39,7 +40,7 @@ MOUNT_FROM_RE = re.compile(r"^namespaces/(?P<namespace>[^/]+)/connectors/(?P<nam
 class Route:
     """Where a client request goes; kept in flow.metadata as plain data (it is saved with the flow)."""
 
-    form: Literal["host", "path", "ping"]
+    form: Literal["host", "path", "ping", "forward"]
     namespace: str = ""
     name: str = ""
     origin: str = ""  # the proxy origin as the client addressed it, e.g. http://c-harbor.default.svc:80
@@ -140,11 +141,18 @@ def retarget(request: http.Request, route: Route, address: Address) -> None:
     request.path = address.path_prefix + route.path + (f"?{query}" if query else "")
 
 
+def is_reverse(flow: http.HTTPFlow) -> bool:
+    """Whether the request came in on the reverse listener (not the forward one)."""
+    return isinstance(flow.client_conn.proxy_mode, ReverseMode)
+
+
 class Routing:
-    """requestheaders: record the Route of every registry request, or answer a malformed one."""
+    """requestheaders: record the Route of every registry request, or answer a malformed one.
+
+    Reverse listener only: forward-mode routes come from the forward addon."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response:
+        if flow.response or not is_reverse(flow):
             return
         path = flow.request.path.partition("?")[0]
         try:

@@ -49,10 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-url", default="", metavar="URL",
                    help="base URL of the proxy outside the cluster (NodePort, Ingress) for status addresses")
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT")
+    p.add_argument("--forward-listen", type=parse_listen, metavar="HOST:PORT",
+                   help="also serve forward-proxy mode (HTTPS_PROXY) on this address")
+    p.add_argument("--ca-dir", metavar="DIR", help="the forward proxy's CA (mitmproxy-ca.pem layout); generated when absent")
+    p.add_argument("--forward-address", metavar="HOST:PORT",
+                   help="the forward proxy as workloads reach it, for rendered .env/*.proxy (default: --forward-listen)")
+    p.add_argument("--refuse-unknown-hosts", action="store_true",
+                   help="forward mode: refuse destinations that are no connector's address instead of tunnelling them")
     p.add_argument("--web", action="store_true", help="run mitmweb (the interactive debugger) instead of mitmdump")
     p.add_argument("--flow-detail", type=int, default=1, help="mitmdump flow log detail (0-4, default 1: one line per request)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra mitmproxy arguments")
     return p
+
+
+def ensure_ca(directory: str | Path) -> Path:
+    """The forward proxy's CA, before any listener accepts: mitmproxy's files plus `ca.crt`.
+
+    An operator's CA (e.g. a mounted Secret holding mitmproxy-ca.pem) is used as it is; otherwise
+    mitmproxy generates one. `ca.crt` is the certificate alone, what clients are given to trust.
+    """
+    from mitmproxy import certs
+
+    path = Path(directory).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    certs.CertStore.from_store(path, "mitmproxy", 2048)
+    cert = (path / "mitmproxy-ca-cert.pem").read_bytes()
+    ca_crt = path / "ca.crt"
+    if not ca_crt.exists() or ca_crt.read_bytes() != cert:
+        ca_crt.write_bytes(cert)
+    return path
 
 
 def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
@@ -81,6 +106,16 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
             args += ["--set", f"token_audiences={','.join(ns.token_audience)}"]
         if ns.proxy_permissions:
             args += ["--set", "proxy_permissions=true"]
+    if ns.forward_listen:
+        fhost, fport = ns.forward_listen
+        args += ["--mode", f"regular@{fhost}:{fport}"]
+        ca_dir = ensure_ca(ns.ca_dir or Path.home() / ".connector-proxy" / "ca")
+        args += ["--set", f"confdir={ca_dir}", "--set", f"forward_ca_cert={ca_dir / 'ca.crt'}",
+                 "--set", f"forward_address={ns.forward_address or f'{fhost}:{fport}'}"]
+        if ns.refuse_unknown_hosts:
+            args += ["--set", "forward_refuse_unknown=true"]
+    elif ns.ca_dir:
+        args += ["--set", f"confdir={ensure_ca(ns.ca_dir)}"]
     if ns.web:
         args += ["--set", "web_open_browser=false"]
     else:

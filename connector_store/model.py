@@ -149,6 +149,7 @@ class Connector:
     class_name: str
     address: Address | None
     raw_address: str = field(default="", repr=False)  # may be mistyped with credentials
+    address_extensions: tuple[str, ...] = ()  # other addresses of the same registry (forward mode)
     auth_name: str = ""
     params: tuple[tuple[str, str], ...] = ()
     secret_name: str | None = None
@@ -295,6 +296,7 @@ def parse_connector(doc: Mapping[str, Any], secrets: Mapping[str, Secret]) -> Co
         name=name,
         class_name=str(spec.get("connectorClassName") or ""),
         raw_address=str(spec.get("address") or ""),
+        address_extensions=tuple(str(a) for a in spec.get("addressExtensions") or [] if a),
         auth_name=str(auth.get("name") or ""),
         params=params,
         secret_name=_ref_name(auth, "secretRef", "name"),

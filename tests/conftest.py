@@ -102,3 +102,13 @@ def world(tmp_path_factory) -> World:
 @pytest.fixture
 def proxy(world) -> ProxyProcess:
     return world.proxy
+
+
+def reverse_tflow(**kwargs):
+    """A mitmproxy test flow as it arrives on the reverse listener (tflow defaults to regular mode)."""
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    from mitmproxy.test import tflow
+
+    flow = tflow.tflow(**kwargs)
+    flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+    return flow

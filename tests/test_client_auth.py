@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import reverse_tflow
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
@@ -207,7 +208,7 @@ def env(tmp_path):
 
 
 def run(addon: ClientAuth, path: str, authorization: str | None = None, host: str = "proxy.example:8080"):
-    f = tflow.tflow()
+    f = reverse_tflow()
     f.request.path = path
     f.request.host_header = host
     f.client_conn.timestamp_tls_setup = None
@@ -352,10 +353,10 @@ def test_token_never_appears_in_any_response(env):
 
 
 def test_already_answered_or_unrouted_flows_are_left_alone(env):
-    f = tflow.tflow()
+    f = reverse_tflow()
     asyncio.run(env.requestheaders(f))  # no route: not a registry request
     assert f.response is None
-    g = tflow.tflow(resp=True)
+    g = reverse_tflow(resp=True)
     Route("path", "default", "harbor", "http://p", "namespaces/default/connectors/harbor", "/v2/a/tags/list").store(g)
     asyncio.run(env.requestheaders(g))
     assert g.response.status_code == 200 and g.response.content == b"message"

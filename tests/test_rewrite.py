@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import reverse_tflow
 from mitmproxy.test import tflow, tutils
 
 from addons.rewrite import Rewrite, rewrite_link, rewrite_url
@@ -156,7 +157,7 @@ def test_link_with_several_targets():
 
 
 def upstream_flow(route: Route, status: int, headers: list[tuple[bytes, bytes]]):
-    f = tflow.tflow()
+    f = reverse_tflow()
     f.request.scheme = "https"
     f.request.host = "harbor.example.com"
     f.request.port = 443
@@ -192,7 +193,7 @@ def test_addon_keeps_redirects_to_storage_and_error_bodies_unstreamed():
 
 
 def test_addon_ignores_flows_without_route_or_upstream():
-    f = tflow.tflow(resp=True)
+    f = reverse_tflow(resp=True)
     f.response.headers["Location"] = "/v2/x"
     Rewrite().responseheaders(f)
     assert f.response.headers["Location"] == "/v2/x"
@@ -202,10 +203,10 @@ def test_addon_ignores_flows_without_route_or_upstream():
 
 
 def test_addon_streams_routed_requests_only():
-    f = tflow.tflow()
+    f = reverse_tflow()
     HOST_ROUTE.store(f)
     Rewrite().requestheaders(f)
     assert f.request.stream
-    g = tflow.tflow()
+    g = reverse_tflow()
     Rewrite().requestheaders(g)
     assert not g.request.stream

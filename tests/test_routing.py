@@ -6,6 +6,7 @@ import json
 from urllib.parse import parse_qsl
 
 import pytest
+from conftest import reverse_tflow
 from mitmproxy.test import tflow
 
 from addons import oci
@@ -226,7 +227,7 @@ def test_route_host_form_non_registry_path_is_404():
 
 
 def test_route_is_stored_in_metadata_and_read_back():
-    f = tflow.tflow()
+    f = reverse_tflow()
     r = Route("path", "default", "harbor", ORIGIN, "namespaces/default/connectors/harbor", "/v2/a/tags/list")
     r.store(f)
     assert isinstance(f.metadata[METADATA_KEY], dict)
@@ -235,7 +236,7 @@ def test_route_is_stored_in_metadata_and_read_back():
 
 
 def test_route_of_a_flow_without_route_is_none():
-    assert Route.of(tflow.tflow()) is None
+    assert Route.of(reverse_tflow()) is None
 
 
 # ---------------------------------------------------------------- translate_mount_query
@@ -294,7 +295,7 @@ def test_other_params_kept_when_dropping_mount():
 
 
 def test_retarget_to_https_default_port():
-    req = tflow.tflow().request
+    req = reverse_tflow().request
     req.host_header = "c-harbor.default.svc"
     req.path = "/v2/a/manifests/v1?foo=bar"
     route = Route("host", "default", "harbor", ORIGIN, "", "/v2/a/manifests/v1")
@@ -308,7 +309,7 @@ def test_retarget_to_https_default_port():
 
 
 def test_retarget_path_form_with_port_and_prefix():
-    req = tflow.tflow().request
+    req = reverse_tflow().request
     req.host_header = "proxy.example:8080"
     req.path = "/v2/namespaces/default/connectors/harbor/a/b/tags/list?n=2&last=x"
     route = route_request(req.path.partition("?")[0], req.host_header, ORIGIN)
@@ -319,7 +320,7 @@ def test_retarget_path_form_with_port_and_prefix():
 
 
 def test_retarget_without_query():
-    req = tflow.tflow().request
+    req = reverse_tflow().request
     req.path = "/v2/namespaces/default/connectors/harbor/a/blobs/" + DIGEST
     route = route_request(req.path, "proxy", ORIGIN)
     retarget(req, route, parse_address("https://harbor.example.com:8443"))
@@ -329,7 +330,7 @@ def test_retarget_without_query():
 
 
 def test_retarget_translates_mount_query():
-    req = tflow.tflow().request
+    req = reverse_tflow().request
     req.method = "POST"
     req.path = f"/v2/namespaces/default/connectors/harbor/dst/blobs/uploads/?mount={DIGEST}&from=namespaces/default/connectors/harbor/src"
     route = route_request(req.path.partition("?")[0], "proxy", ORIGIN)
@@ -340,7 +341,7 @@ def test_retarget_translates_mount_query():
 
 
 def test_retarget_keeps_query_byte_for_byte_when_no_mount():
-    req = tflow.tflow().request
+    req = reverse_tflow().request
     raw = "/v2/a/blobs/uploads/u1?_state=AbC%2Bd%2F%3D%3D&digest=sha256%3Aabc"
     req.path = raw
     route = route_request("/v2/a/blobs/uploads/u1", "c-harbor.default", ORIGIN)
@@ -352,7 +353,7 @@ def test_retarget_keeps_query_byte_for_byte_when_no_mount():
 
 
 def make_flow(path: str, host: str | None, tls: bool = False, method: str = "GET"):
-    f = tflow.tflow()
+    f = reverse_tflow()
     f.request.method = method
     f.request.path = path
     if host is None:
