@@ -44,9 +44,41 @@ def rewrite_link(value: str, request_url: str, upstream: Address, route: Route) 
     return _LINK_TARGET_RE.sub(lambda m: f"<{rewrite_url(m.group(1), request_url, upstream, route)}>", value)
 
 
+SMALL_BODY = 1024 * 1024  # manifests, indexes, tag lists, errors: kept whole (and recorded with -w)
+UPSTREAM_HEADERS_KEY = "connector_proxy_upstream_headers"  # flow.metadata: Location/Link before rewriting
+BLOB_KEY = "connector_proxy_blob"  # flow.metadata: size and digest of a streamed body (recordings keep no blob)
+
+
+def is_small_document(headers, max_size: int = SMALL_BODY) -> bool:
+    """A body that is worth keeping on the flow: a known, small size (blobs are neither)."""
+    length = headers.get("content-length", "")
+    return length.isdigit() and int(length) <= max_size
+
+
+def stream_request(flow: http.HTTPFlow) -> bool:
+    """Stream every upload except a small manifest (its body is what a recording wants to show)."""
+    route = Route.of(flow)
+    small_manifest = (
+        flow.request.method == "PUT" and route is not None and "/manifests/" in route.path
+        and is_small_document(flow.request.headers)
+    )
+    return not small_manifest
+
+
+def stream_response(flow: http.HTTPFlow) -> bool:
+    """Stream success bodies unless they are small documents; errors are small JSON and kept whole
+    (the upstream addon may replace a 401)."""
+    assert flow.response is not None
+    if flow.response.status_code >= 400:
+        return False
+    route = Route.of(flow)
+    is_blob = route is not None and "/blobs/" in route.path
+    return is_blob or not is_small_document(flow.response.headers)
+
+
 class Rewrite:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not flow.response and Route.of(flow):
+        if not flow.response and Route.of(flow) and stream_request(flow):
             flow.request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -56,10 +88,18 @@ class Rewrite:
         upstream = parse_address(route.upstream)
         request_url = flow.request.url
         headers = flow.response.headers
+        original: dict[str, object] = {}
         if "location" in headers:
+            original["location"] = headers["location"]
             headers["Location"] = rewrite_url(headers["location"], request_url, upstream, route)
         if "link" in headers:
+            original["link"] = headers.get_all("link")
             headers.set_all("Link", [rewrite_link(v, request_url, upstream, route) for v in headers.get_all("link")])
-        # Error bodies are small JSON: keep them whole (the upstream addon may need to replace a 401).
-        if flow.response.status_code < 400:
+        if original:  # what the registry said, for debugging and for replaying recordings
+            flow.metadata[UPSTREAM_HEADERS_KEY] = original
+        if stream_response(flow):
             flow.response.stream = True
+            flow.metadata[BLOB_KEY] = {
+                "size": int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None,
+                "digest": headers.get("docker-content-digest"),
+            }

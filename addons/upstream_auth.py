@@ -146,6 +146,11 @@ class SingleFlightCache:
         for k in [k for k, (_, expires) in self._values.items() if expires <= now]:
             del self._values[k]
 
+    def peek(self, key: Hashable) -> Any:
+        """The cached value for `key` (expired or not), or None; never computes."""
+        cached = self._values.get(key)
+        return cached[0] if cached else None
+
     def drop(self, predicate: Callable[[Hashable], bool]) -> int:
         doomed = [k for k in self._values if predicate(k)]
         for k in doomed:
@@ -301,6 +306,15 @@ class UpstreamCredentials:
         key = (connector.key, creds.version, challenge.realm, challenge.service, scopes)
         return "Bearer " + await self.tokens.get(key, fetch)
 
+    def _auth_shape(self, connector: Connector) -> dict:
+        """What upstream auth looked like, for recordings and debugging (never a secret)."""
+        key = (connector.key, connector.credentials.version, str(connector.address))  # type: ignore[union-attr]
+        challenge = self.challenges.peek(key)
+        shape: dict = {"credentials": connector.credentials.kind}  # type: ignore[union-attr]
+        if isinstance(challenge, UpstreamChallenge):
+            shape.update({"challenge": challenge.kind, "realm": challenge.realm, "service": challenge.service})
+        return shape
+
     def forget(self, connector: Connector) -> None:
         """After an unexpected 401: drop the connector's tokens and challenge so both are fetched anew."""
         self.tokens.drop(lambda k: k[0] == connector.key)
@@ -323,6 +337,7 @@ class UpstreamCredentials:
         flow.metadata[UPSTREAM_KEY] = {"scopes": list(scopes), "retry": False, "has_body": oci.has_body(flow.request)}
         try:
             header = await self.authorization(connector, scopes)
+            flow.metadata[UPSTREAM_KEY]["auth"] = self._auth_shape(connector)
         except UpstreamError as e:
             logger.warning("%s", e)
             flow.response = e.response()
