@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -100,7 +101,15 @@ class Registry:
         log_level: str = "warn",
         startup_timeout: float = 20.0,
         binary: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        public_host: str = "127.0.0.1",
     ) -> None:
+        """``tls=(cert_path, key_path)`` serves HTTPS (see :class:`localregistry.TestCA`).
+        The registry always listens on 127.0.0.1; ``public_host`` is the name
+        in :attr:`host`/:attr:`url` (e.g. ``registry-a.connector-test``,
+        which must resolve to 127.0.0.1 and be in the certificate's SANs).
+        With token auth the advertised realm is ``token_server.realm``, so
+        give the token server the same ``public_host``/TLS setup."""
         if auth == "token" and token_server is None:
             raise ValueError("auth='token' needs a (started) token_server")
         if auth == "htpasswd" and not htpasswd_users:
@@ -114,6 +123,8 @@ class Registry:
         self.log_level = log_level
         self.startup_timeout = startup_timeout
         self.binary = binary
+        self.tls: tuple[Path, Path] | None = (Path(tls[0]), Path(tls[1])) if tls else None
+        self.public_host = public_host
         self._fixed_port = port
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -139,13 +150,23 @@ class Registry:
         return self._port
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def host(self) -> str:
-        """``127.0.0.1:PORT``, the registry part of image references."""
-        return f"127.0.0.1:{self.port}"
+        """``PUBLIC_HOST:PORT`` (default ``127.0.0.1:PORT``), the registry part of image references."""
+        return f"{self.public_host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        """``SCHEME://PUBLIC_HOST:PORT``."""
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def local_url(self) -> str:
+        """``SCHEME://127.0.0.1:PORT``: reachable without name resolution."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -212,6 +233,11 @@ class Registry:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
+        if self.tls:
+            cfg["http"]["tls"] = {  # type: ignore[index]
+                "certificate": str(self.tls[0]),
+                "key": str(self.tls[1]),
+            }
         if self.auth == "token":
             assert self.token_server is not None
             ts = self.token_server
@@ -252,7 +278,7 @@ class Registry:
                 return
             if time.monotonic() > deadline:
                 raise RegistryError(
-                    f"registry did not answer on {self.url}/v2/ within {self.startup_timeout}s; "
+                    f"registry did not answer on {self.local_url}/v2/ within {self.startup_timeout}s; "
                     f"log tail:\n{self.log_tail()}")
             time.sleep(0.05)  # bounded readiness polling
 
@@ -260,8 +286,19 @@ class Registry:
         # Any /v2/ answer (401 included) carrying distribution's API header
         # means "up"; the header check guards against another server that
         # grabbed a port picked by free_port().
+        # Probe 127.0.0.1 directly (public_host may not resolve yet) and,
+        # with TLS, without verification: this only asks "is it up?"; clients
+        # verify the certificate for real.
+        ctx = None
+        if self.tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        # No proxies: an inherited HTTP(S)_PROXY must not intercept the probe.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=ctx))
         try:
-            with urllib.request.urlopen(self.url + "/v2/", timeout=1) as resp:
+            with opener.open(self.local_url + "/v2/", timeout=1) as resp:
                 headers = resp.headers
         except urllib.error.HTTPError as e:
             headers = e.headers
@@ -285,8 +322,15 @@ def token_auth_registry(
     access: AccessPolicy | None = None,
     expires_in: int = 300,
     log_level: str = "warn",
+    tls: tuple[Path, Path] | None = None,
+    public_host: str = "127.0.0.1",
 ) -> Iterator[tuple[TokenServer, Registry]]:
-    """Start a TokenServer and a token-auth Registry using it; stop both on exit."""
-    with TokenServer(service, users, access=access, expires_in=expires_in) as ts:
-        with Registry(Path(workdir), "token", token_server=ts, log_level=log_level) as reg:
+    """Start a TokenServer and a token-auth Registry using it; stop both on exit.
+
+    ``tls``/``public_host`` apply to both (one certificate serves both ports).
+    """
+    with TokenServer(service, users, access=access, expires_in=expires_in,
+                     tls=tls, public_host=public_host) as ts:
+        with Registry(Path(workdir), "token", token_server=ts, log_level=log_level,
+                      tls=tls, public_host=public_host) as reg:
             yield ts, reg

@@ -22,6 +22,8 @@ import logging
 import re
 import shutil
 import signal
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -37,6 +39,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from .tlsca import server_context
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +128,22 @@ class TokenServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: tuple[Path, Path] | None = None,
+        public_host: str | None = None,
     ) -> None:
+        """``tls=(cert_path, key_path)`` serves HTTPS. ``public_host`` (default:
+        ``host``) is the host name in :attr:`url`/:attr:`realm`, e.g.
+        ``registry-a.connector-test`` (which must resolve to the bind address
+        and be in the certificate's SANs); :attr:`local_url` always uses the
+        bind address."""
         self.service = service
         self.users = dict(users)
         self.access = access or default_access
         self.expires_in = expires_in
         self.issuer = issuer
         self._bind = (host, port)
+        self.tls: tuple[Path, Path] | None = (Path(tls[0]), Path(tls[1])) if tls else None
+        self.public_host = public_host or host
         self._lock = threading.Lock()
         self._fetches: list[FetchRecord] = []
         self._failures: list[AuthFailure] = []
@@ -151,7 +164,11 @@ class TokenServer:
         (self._tmpdir / "token-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
 
-        self._httpd = ThreadingHTTPServer(self._bind, _make_handler(self))
+        if self.tls:
+            self._httpd = _TLSThreadingHTTPServer(self._bind, _make_handler(self),
+                                                  server_context(self.tls))
+        else:
+            self._httpd = ThreadingHTTPServer(self._bind, _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -187,8 +204,18 @@ class TokenServer:
         return self._httpd.server_address[1]
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self._bind[0]}:{self.port}"
+        """``SCHEME://PUBLIC_HOST:PORT``: what clients are told to use."""
+        return f"{self.scheme}://{_host_for_url(self.public_host)}:{self.port}"
+
+    @property
+    def local_url(self) -> str:
+        """``SCHEME://BIND_HOST:PORT``: reachable without name resolution."""
+        return f"{self.scheme}://{_host_for_url(self._bind[0])}:{self.port}"
 
     @property
     def realm(self) -> str:
@@ -286,6 +313,33 @@ class TokenServer:
         }
 
 
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class _TLSThreadingHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer over TLS; the handshake runs in the request thread.
+
+    Wrapping the listening socket would handshake inside ``accept()`` on the
+    serving thread, so one silent client would stall every other one.
+    """
+
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 ctx: ssl.SSLContext) -> None:
+        self.ssl_context = ctx
+        super().__init__(addr, handler)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        return self.ssl_context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False), addr
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Failed handshakes (a client not trusting our CA, a port probe) are
+        # expected in tests: log quietly instead of a traceback on stderr.
+        log.debug("token server: connection from %s failed", client_address, exc_info=True)
+
+
 def _make_key_and_cert(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -339,6 +393,12 @@ def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"  # keep-alive, like real token servers
         timeout = 30  # so idle keep-alive threads do not linger forever
         server_version = "localregistry-token/1"
+
+        def setup(self) -> None:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.settimeout(self.timeout)
+                self.request.do_handshake()
+            super().setup()
 
         def do_GET(self) -> None:
             self._handle(lambda: self._get())
@@ -411,13 +471,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--issuer", default="localregistry")
     p.add_argument("--expires-in", type=int, default=300)
     p.add_argument("--cert-out", type=Path, help="copy the signing cert (rootcertbundle) here")
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", type=Path, help="... and this PEM key")
+    p.add_argument("--public-host", help="host name in the advertised url/realm (default: --host)")
     args = p.parse_args(argv)
 
     users = dict(u.split(":", 1) for u in args.user)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with TokenServer(args.service, users, expires_in=args.expires_in, issuer=args.issuer,
-                     host=args.host, port=args.port) as ts:
+                     host=args.host, port=args.port, public_host=args.public_host,
+                     tls=(args.tls_cert, args.tls_key) if args.tls_cert else None) as ts:
         if args.cert_out:
             shutil.copyfile(ts.cert_path, args.cert_out)
         print(json.dumps({"url": ts.url, "realm": ts.realm, "service": ts.service, "issuer": ts.issuer,
