@@ -29,7 +29,7 @@ HOST_FORM_RE = re.compile(
     rf"^c-(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?:\.svc(?:\.cluster\.local)?)?\.?(?::\d{{1,5}})?$"
 )
 PATH_FORM_RE = re.compile(
-    rf"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?$"
+    r"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?$"
 )
 NAMESPACE_RE = re.compile(rf"^{_LABEL}$")
 NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import reverse_tflow
 from mitmproxy import exceptions
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons
 
 from addons.client_auth import ClientAuth, parse_client_credential
 from connector_store.identity import Identity, StaticTokens, may_use, token_digest

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REGISTRY_USER
 from fake_apiserver import FakeApiServer
-from localregistry import make_oci_layout, skopeo
+from localregistry import make_oci_layout
 from proxyproc import ProxyProcess, basic, connector, secret
 from test_e2e_clients import run
 

@@ -15,7 +15,7 @@ from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
 from addons.upstream_auth import UpstreamCredentials
 from conftest import REGISTRY_USER
-from localregistry import Registry, TokenServer, make_oci_layout, skopeo
+from localregistry import Registry, TokenServer, make_oci_layout
 from proxyproc import ProxyProcess, basic, connector, secret, write_manifests
 from test_e2e_clients import authfile_for, run
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import reverse_tflow
-from mitmproxy.test import tflow, tutils
+from mitmproxy.test import tutils
 
 from addons.rewrite import Rewrite, rewrite_link, rewrite_url
 from addons.routing import Route

@@ -7,7 +7,6 @@ from urllib.parse import parse_qsl
 
 import pytest
 from conftest import reverse_tflow
-from mitmproxy.test import tflow
 
 from addons import oci
 from addons.oci import ProtocolError
