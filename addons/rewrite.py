@@ -33,6 +33,11 @@ def rewrite_url(url: str, request_url: str, upstream: Address, route: Route) -> 
     path = absolute.path
     if upstream.path_prefix and path.startswith(upstream.path_prefix + "/"):
         path = path[len(upstream.path_prefix):]
+    if path != "/v2" and not path.startswith("/v2/"):
+        # The registry's host, outside its API (Artifact Registry's relative
+        # /artifacts-downloads/... blob redirect, a signed URL): no proxy route serves it,
+        # so the client follows it to the registry itself, as it does a storage redirect.
+        return urlunsplit(absolute)
     if route.prefix and path.startswith("/v2/"):
         path = f"/v2/{route.prefix}/{path[len('/v2/'):]}"
     origin = urlsplit(route.origin)
