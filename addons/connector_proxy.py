@@ -21,6 +21,7 @@ from addons.client_config import ClientConfig  # noqa: E402
 from addons.forward import ForwardProxy  # noqa: E402
 from addons.health import Health  # noqa: E402
 from addons.listener import PlainHttpListener  # noqa: E402
+from addons.record import OutOfBandRecorder  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
 from addons.scrub import Scrub  # noqa: E402
@@ -32,7 +33,8 @@ from addons.upstream_auth import UpstreamCredentials  # noqa: E402
 def make_addons() -> list:
     store = ConnectorStore()
     scrub = Scrub()
-    upstream = UpstreamCredentials(store, scrub.late)
+    recorder = OutOfBandRecorder()
+    upstream = UpstreamCredentials(store, scrub.late, recorder)
     client_auth = ClientAuth(store)
     return [
         PlainHttpListener(),
@@ -46,6 +48,7 @@ def make_addons() -> list:
         upstream,
         Rewrite(),
         scrub,
+        recorder,
     ]
 
 

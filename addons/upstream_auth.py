@@ -35,6 +35,7 @@ from mitmproxy import ctx, http
 
 from addons import oci
 from addons.client_auth import CHALLENGE
+from addons.record import Exchange, OutOfBandRecorder, make_exchange
 from addons.routing import Route, retarget
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -168,7 +169,9 @@ def basic_header(username: str, password: str) -> str:
 class RegistryClient:
     """Blocking HTTP to registries and token servers (run in threads), with verified TLS."""
 
-    def __init__(self, timeout: float = 30.0, insecure: bool = False, ca_file: str | None = None):
+    def __init__(self, timeout: float = 30.0, insecure: bool = False, ca_file: str | None = None,
+                 observer: Callable[[Exchange], None] | None = None):
+        self.observer = observer  # told about probes and token fetches, redacted (recordings)
         self.timeout = urllib3.Timeout(connect=min(timeout, 10.0), read=timeout)
         self.insecure = insecure
         self.ca_file = ca_file
@@ -190,13 +193,19 @@ class RegistryClient:
         return pool
 
     def send(
-        self, connector: Connector, method: str, url: str, headers: dict[str, str] | None = None
+        self, connector: Connector, method: str, url: str, headers: dict[str, str] | None = None,
+        kind: str = "",
     ) -> urllib3.BaseHTTPResponse:
+        """One request; `kind` ("probe", "token") names an out-of-band exchange worth recording."""
         host = urlsplit(url).netloc
         try:
-            return self._pool(connector).request(
+            resp = self._pool(connector).request(
                 method, url, headers=headers or {}, redirect=False, decode_content=False
             )
+            if kind and self.observer:
+                self.observer(make_exchange(kind, method, url, headers or {}, resp.status,
+                                            list(resp.headers.items()), resp.data))
+            return resp
         except urllib3.exceptions.SSLError as e:
             raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: TLS verification of {host} failed: {_reason(e)}") from None
         except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
@@ -208,7 +217,7 @@ class RegistryClient:
 
     def probe(self, connector: Connector) -> UpstreamChallenge:
         assert connector.address
-        resp = self.send(connector, "GET", f"{connector.address}/v2/")
+        resp = self.send(connector, "GET", f"{connector.address}/v2/", kind="probe")
         if resp.status == 401:
             challenge = oci.pick_challenge(oci.parse_www_authenticate(resp.headers.get("WWW-Authenticate", "")))
             if challenge and challenge.scheme == "bearer" and challenge.realm:
@@ -233,7 +242,7 @@ class RegistryClient:
             if refusal:
                 raise UpstreamError(502, "DENIED", f"connector {connector.key}: credentials withheld: {refusal}")
             headers["Authorization"] = basic_header(creds.username, creds.password)
-        resp = self.send(connector, "GET", url, headers)
+        resp = self.send(connector, "GET", url, headers, kind="token")
         if resp.status in (401, 403):
             raise UpstreamError(502, "UNAUTHORIZED", f"connector {connector.key}: the token server {realm_host} rejected the connector's credentials (HTTP {resp.status})")
         if resp.status != 200:
@@ -255,9 +264,10 @@ def _reason(e: Exception) -> str:
 
 
 class UpstreamCredentials:
-    def __init__(self, store: ConnectorStore, secrets: LateSecrets):
+    def __init__(self, store: ConnectorStore, secrets: LateSecrets, recorder: OutOfBandRecorder | None = None):
         self.store = store
         self.secrets = secrets
+        self.recorder = recorder
         self.tokens = SingleFlightCache()
         self.challenges = SingleFlightCache()
         self.client = RegistryClient()
@@ -269,7 +279,8 @@ class UpstreamCredentials:
     def configure(self, updated):
         if updated & {"upstream_timeout", "ssl_insecure", "ssl_verify_upstream_trusted_ca"}:
             self.client = RegistryClient(
-                ctx.options.upstream_timeout, ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca
+                ctx.options.upstream_timeout, ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca,
+                observer=self.recorder.observe if self.recorder else None,
             )
 
     # ------------------------------------------------------------ credentials

@@ -911,7 +911,7 @@ class _Driver:
 
 
 # Placeholders that are fine to find: redacted values and made-up example values.
-PLACEHOLDER_RE = re.compile(r"^(<redacted>|[A-Za-z]+ <redacted>|.*EXAMPLE.*)$")
+PLACEHOLDER_RE = re.compile(r"^(<redacted[^>]*>|[A-Za-z]+ <redacted>|.*EXAMPLE.*)$")
 SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-registry-auth",
                   "x-amz-security-token", "x-api-key", "private-token", "x-auth-token"}
 SECRET_FIELDS = {"token", "access_token", "refresh_token", "id_token", "password", "secret", "identitytoken",

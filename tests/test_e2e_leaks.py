@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from mitmproxy import io as mitmio
@@ -58,6 +59,10 @@ def test_nothing_secret_in_logs_flows_or_responses(world, tmp_path):
     with proxy.flows_path.open("rb") as f:
         flows = list(mitmio.FlowReader(f).stream())
     assert len(flows) > 20
+    # the out-of-band probe and token fetches are recorded too, with the token replaced
+    token_flows = [fl for fl in flows if fl.metadata.get("connector_proxy_replay", {}).get("kind") == "token"]
+    assert token_flows and all(json.loads(fl.response.content)["token"] == "<redacted>" for fl in token_flows)
+    assert any(fl.metadata.get("connector_proxy_replay", {}).get("kind") == "probe" for fl in flows)
     injected = [fl for fl in flows if "authorization" in fl.request.headers]
     assert injected, "no flow shows the (redacted) upstream credential"
     assert all("<redacted>" in fl.request.headers["authorization"] for fl in injected)
