@@ -13,7 +13,10 @@ The proxy launcher only assembles a mitmproxy command line: everything it sets c
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "addons" / "connector_proxy.py"
@@ -67,16 +70,24 @@ def ensure_ca(directory: str | Path) -> Path:
 
     An operator's CA (e.g. a mounted Secret holding mitmproxy-ca.pem) is used as it is; otherwise
     mitmproxy generates one. `ca.crt` is the certificate alone, what clients are given to trust.
+    A read-only directory (a Secret volume) is copied to a private temporary one first, because
+    mitmproxy writes derived files (.p12, dhparam) next to the CA.
     """
     from mitmproxy import certs
 
     path = Path(directory).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    certs.CertStore.from_store(path, "mitmproxy", 2048)
-    cert = (path / "mitmproxy-ca-cert.pem").read_bytes()
-    ca_crt = path / "ca.crt"
-    if not ca_crt.exists() or ca_crt.read_bytes() != cert:
-        ca_crt.write_bytes(cert)
+    if not os.access(path, os.W_OK):
+        private = Path(tempfile.mkdtemp(prefix="connector-proxy-ca-"))
+        for pem in path.glob("*.pem"):
+            shutil.copyfile(pem, private / pem.name)
+        path = private
+    store = certs.CertStore.from_store(path, "mitmproxy", 2048)
+    cert = store.default_ca.to_pem()  # a Secret may hold only mitmproxy-ca.pem (key and certificate)
+    for name in ("mitmproxy-ca-cert.pem", "ca.crt"):
+        target = path / name
+        if not target.exists() or target.read_bytes() != cert:
+            target.write_bytes(cert)
     return path
 
 

@@ -201,3 +201,16 @@ def test_proxy_authorization_is_never_forwarded(fwd, tmp_path):
             assert auth in ("", "Bearer <redacted>", "Basic <redacted>"), auth
     finally:
         fwd.proxy.start()
+
+
+def test_operator_ca_with_only_the_key_pem_is_used(tmp_path):
+    """A Secret holding only mitmproxy-ca.pem: the same CA is served, its certificate published."""
+    from connector_store.cli import ensure_ca
+
+    generated = ensure_ca(tmp_path / "first")
+    operator = tmp_path / "secret"
+    operator.mkdir()
+    shutil.copyfile(generated / "mitmproxy-ca.pem", operator / "mitmproxy-ca.pem")
+    used = ensure_ca(operator)
+    assert (used / "ca.crt").read_bytes() == (generated / "ca.crt").read_bytes()
+    assert (used / "mitmproxy-ca-cert.pem").read_bytes() == (generated / "ca.crt").read_bytes()
