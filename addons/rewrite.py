@@ -81,6 +81,24 @@ def stream_response(flow: http.HTTPFlow) -> bool:
     return is_blob or not is_small_document(flow.response.headers)
 
 
+def rewrite_response_headers(flow: http.HTTPFlow) -> None:
+    """Location and Link of a registry response, back to the proxy origin the client used."""
+    route = Route.of(flow)
+    assert route is not None and flow.response is not None
+    upstream = parse_address(route.upstream)
+    request_url = flow.request.url
+    headers = flow.response.headers
+    original: dict[str, object] = {}
+    if "location" in headers:
+        original["location"] = headers["location"]
+        headers["Location"] = rewrite_url(headers["location"], request_url, upstream, route)
+    if "link" in headers:
+        original["link"] = headers.get_all("link")
+        headers.set_all("Link", [rewrite_link(v, request_url, upstream, route) for v in headers.get_all("link")])
+    if original:  # what the registry said, for debugging and for replaying recordings
+        flow.metadata[UPSTREAM_HEADERS_KEY] = original
+
+
 class Rewrite:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.response and Route.of(flow) and stream_request(flow):
@@ -90,18 +108,8 @@ class Rewrite:
         route = Route.of(flow)
         if route is None or not route.upstream or flow.response is None:
             return
-        upstream = parse_address(route.upstream)
-        request_url = flow.request.url
+        rewrite_response_headers(flow)
         headers = flow.response.headers
-        original: dict[str, object] = {}
-        if "location" in headers:
-            original["location"] = headers["location"]
-            headers["Location"] = rewrite_url(headers["location"], request_url, upstream, route)
-        if "link" in headers:
-            original["link"] = headers.get_all("link")
-            headers.set_all("Link", [rewrite_link(v, request_url, upstream, route) for v in headers.get_all("link")])
-        if original:  # what the registry said, for debugging and for replaying recordings
-            flow.metadata[UPSTREAM_HEADERS_KEY] = original
         if stream_response(flow):
             flow.response.stream = True
             flow.metadata[BLOB_KEY] = {

@@ -36,6 +36,7 @@ from mitmproxy import ctx, http
 from addons import oci
 from addons.client_auth import CHALLENGE
 from addons.record import Exchange, OutOfBandRecorder, make_exchange
+from addons.rewrite import rewrite_response_headers
 from addons.routing import Route, retarget
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -381,6 +382,7 @@ class UpstreamCredentials:
                 flow.response = e.response()
                 return
             if flow.response.status_code != 401:
+                rewrite_response_headers(flow)  # the retried answer's Location, like any other
                 return
             flow.response = self._final_401(flow.response, route, fresh=True)
         else:

@@ -100,10 +100,16 @@ def test_revoked_token_is_retried_once_with_a_fresh_one(tmp_path):
             reg.stop()
             ts_new = TokenServer("rot", users).start()
             reg = Registry(tmp_path / "reg", "token", token_server=ts_new, port=port).start()
-            r = proxy.request("GET", path, auth=auth)
-            assert r.status == 404, r.data  # not 401: the proxy retried with a token from the new realm
-            assert json.loads(r.data)["errors"][0]["code"] == "NAME_UNKNOWN"
+            # the first request after the rotation is a bodiless POST: its old-realm token is refused,
+            # it is retried with a fresh one, and the retried answer's Location is rewritten
+            r = proxy.request("POST", "/v2/namespaces/default/connectors/rot/rot/app/blobs/uploads/", auth=auth)
+            assert r.status == 202, r.data
+            assert r.headers["Location"].startswith(
+                f"{proxy.url}/v2/namespaces/default/connectors/rot/rot/app/blobs/uploads/")
             assert len(ts_new.fetches) == 1
+            r = proxy.request("GET", path, auth=auth)
+            assert r.status == 404, r.data  # not 401: the new realm's tokens are used from now on
+            assert json.loads(r.data)["errors"][0]["code"] == "NAME_UNKNOWN"
         written = proxy.everything_written()
         for s in [token, users["rot"], *ts_old.issued_tokens, *ts_new.issued_tokens]:
             assert s.encode() not in written
