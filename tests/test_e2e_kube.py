@@ -88,6 +88,8 @@ def test_serviceaccount_pushes_and_pulls_with_a_real_client(cluster, tmp_path):
     run(["skopeo", "copy", "--dest-creds", creds, "--dest-tls-verify=false", image.ref, ref])
     out = json.loads(run(["skopeo", "inspect", "--creds", creds, "--tls-verify=false", ref]))
     assert out["Digest"] == image.manifest_digest
+    run(["skopeo", "copy", "--src-creds", creds, "--src-tls-verify=false", ref, f"oci:{tmp_path / 'back'}:v1"])
+    assert json.loads((tmp_path / "back" / "index.json").read_text())["manifests"][0]["digest"] == image.manifest_digest
 
 
 def test_identity_failures_and_review_caching(cluster):
