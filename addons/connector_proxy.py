@@ -28,6 +28,7 @@ from addons.scrub import Scrub  # noqa: E402
 from addons.status import ConnectorStatus  # noqa: E402
 from addons.store import ConnectorStore  # noqa: E402
 from addons.upstream_auth import UpstreamCredentials  # noqa: E402
+from addons.upstream_trust import UpstreamTrust  # noqa: E402
 
 
 def make_addons() -> list:
@@ -46,6 +47,7 @@ def make_addons() -> list:
         Routing(),
         client_auth,
         upstream,
+        UpstreamTrust(store),
         Rewrite(),
         scrub,
         recorder,
