@@ -14,31 +14,8 @@ from connector_store import model
 from connector_store.files import DirectoryStore
 from connector_store.model import ANONYMOUS, Address, Credentials, build_catalog, flatten, parse_address
 
-SEED = """\
-apiVersion: connectors.alauda.io/v1alpha1
-kind: Connector
-metadata:
-  name: harbor
-spec:
-  address: https://harbor.example.com # 替换为可访问的 OCI registry 地址
-  auth:
-    name: tokenAuth
-    params:
-    - name: repository
-      value: testing/busybox
-    secretRef:
-      name: harbor-secret
-  connectorClassName: oci
----
-apiVersion: v1
-stringData: # 替换为实际的认证信息
-  password: admin
-  username: admin
-kind: Secret
-metadata:
-  name: harbor-secret
-type: cpaas.io/distribution-registry-token
-"""
+# The seed document's Connector and Secret, exactly as shipped (and as written in the seed).
+SEED = (Path(__file__).resolve().parent.parent / "manifests" / "examples" / "seed" / "harbor.yaml").read_text()
 
 
 def b64(s: str) -> str:
