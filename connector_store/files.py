@@ -37,7 +37,8 @@ class DirectoryStore:
             if not p.name.startswith(".") and p.suffix in MANIFEST_SUFFIXES and p.is_file()
         )
 
-    def _current_signature(self) -> tuple:
+    def signature(self) -> tuple:
+        """(name, size, mtime) of every manifest file: changes whenever the directory does."""
         sig = []
         for p in self._files():
             st = p.stat()
@@ -48,7 +49,7 @@ class DirectoryStore:
         """Reload if the directory changed. Returns True when a new catalog was loaded."""
         with self._lock:
             try:
-                signature = self._current_signature()
+                signature = self.signature()
             except OSError as e:
                 logger.error("connector directory %s unreadable: %s", self.directory, e)
                 return False

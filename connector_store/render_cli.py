@@ -84,7 +84,7 @@ class ConnectorSource:
         if self.directory is None:
             return ()
         try:
-            return self.directory._current_signature()
+            return self.directory.signature()
         except OSError:
             return ()
 

@@ -530,7 +530,7 @@ def test_errors_auth_and_failure_injection(api, server, tmp_path):
     # callers can be held to the same rules as SubjectAccessReviews
     server.authorize_callers = True
     token = server.add_service_account_token("ci", "reader")
-    server.allow(f"system:serviceaccount:ci:reader", "list", "", "secrets", "default")
+    server.allow("system:serviceaccount:ci:reader", "list", "", "secrets", "default")
     with config.new_client_from_config(config_file=str(server.write_kubeconfig(tmp_path / "sa", token))) as sa:
         assert client.CoreV1Api(sa).list_namespaced_secret("default").items == []
         with pytest.raises(ApiException) as e:
