@@ -32,12 +32,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="connector-proxy", description=__doc__.split("\n\n")[0])
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where connectors come from: the same flags for the proxy and for `config render`."""
     store = p.add_mutually_exclusive_group(required=True)
     store.add_argument("--connectors", metavar="DIR", help="directory of Connector and Secret manifests")
-    store.add_argument("--store", choices=["kubernetes"], help="read Connectors and Secrets from the cluster")
+    store.add_argument("--store", choices=["kubernetes"], help="read the Connectors from the cluster")
     p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig (default: in-cluster configuration)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="connector-proxy", description=__doc__.split("\n\n")[0])
+    add_source_arguments(p)
     p.add_argument("--namespace", action="append", default=[], metavar="NS",
                    help="watch only this namespace (repeatable; default: all)")
     auth = p.add_mutually_exclusive_group(required=True)

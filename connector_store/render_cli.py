@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from connector_store.cli import add_source_arguments
 from connector_store.files import DirectoryStore
 from connector_store.model import Connector, ManifestError, NAME_RE, NAMESPACE_RE, parse_connector
 from connector_store.render import RenderError, RenderRequest, render, write_files
@@ -27,10 +28,7 @@ WATCH_INTERVAL = 0.25  # seconds between checks of the token file; a rotation is
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connector-proxy config render", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--connectors", metavar="DIR", help="directory of Connector manifests")
-    src.add_argument("--store", choices=["kubernetes"], help="read the Connectors from the cluster")
-    p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig (default: in-cluster configuration)")
+    add_source_arguments(p)
     p.add_argument("--use", required=True, metavar="NS/NAME[,NS/NAME]", help="the connectors to configure")
     p.add_argument("--names", default="", help="configuration.names, e.g. registry-config,buildkitd,!ca.crt")
     p.add_argument("--token-file", required=True, type=Path, help="the workload's token (e.g. a projected SA token)")
