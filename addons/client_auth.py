@@ -18,47 +18,94 @@ import binascii
 import dataclasses
 import logging
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import yaml
 from mitmproxy import ctx, exceptions, http
 
 from addons import oci
+from addons.gate import Gate, Verdict, describe_exception, fail_closed
 from addons.routing import Route
 from addons.store import ConnectorStore
-from connector_store.identity import IdentityBackend, StaticTokens
+from connector_store.identity import Identity, IdentityBackend, StaticTokens
+from connector_store.model import Connector
 
 logger = logging.getLogger(__name__)
 
 CHALLENGE = 'Basic realm="oci-connector-proxy"'
 MAX_CREDENTIAL_LENGTH = 16 * 1024  # ServiceAccount tokens are ~1 KiB; anything huge is garbage
+# RFC 6750 b64token, widened to every visible ASCII character: JWTs, static tokens and opaque
+# tokens fit; whitespace, control characters and non-ASCII never reach a backend or a hash.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+
+
+def valid_token(token: str) -> bool:
+    return bool(_TOKEN_RE.fullmatch(token))
 
 
 def parse_client_credential(authorization: str | None) -> str | None:
-    """The token from `Basic base64(<any user>:<token>)` or `Bearer <token>`; None if absent or garbage."""
+    """The token from `Basic base64(<any user>:<token>)` or `Bearer <token>`; None if absent or garbage.
+
+    Never raises: the value comes from anybody (non-ASCII, surrogate-escaped bytes, control characters).
+    """
     if not authorization or len(authorization) > MAX_CREDENTIAL_LENGTH:
         return None
     scheme, _, value = authorization.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer":
-        return value or None
+        return value if valid_token(value) else None
     if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        decoded = decode_basic(value)
+        if decoded is None:
             return None
         _, sep, token = decoded.partition(":")
-        return token if sep and token else None
+        return token if sep and valid_token(token) else None
     return None
 
 
-def unauthorized(message: str) -> http.Response:
-    return oci.error_response(401, "UNAUTHORIZED", message, headers={"WWW-Authenticate": CHALLENGE})
+def decode_basic(value: str) -> str | None:
+    """base64 -> text, or None for anything that is not strictly base64 of UTF-8."""
+    if not value.isascii():
+        return None  # b64decode raises ValueError (not binascii.Error) on non-ASCII str
+    try:
+        return base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a caller may not pass: the status, the registry error code, a message with no secret."""
+
+    status: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A caller who may pass, with the connectors they named (all authorized and known)."""
+
+    identity: Identity
+    connectors: tuple[Connector, ...]
+
+
+def unauthorized(request: http.Request, message: str) -> http.Response:
+    return oci.refusal(request, 401, "UNAUTHORIZED", message, headers={"WWW-Authenticate": CHALLENGE})
 
 
 class ClientAuth:
-    """requestheaders: 401 / 403 / 404 / 503 for the caller, or let the request on to the upstream addon."""
+    """requestheaders: 401 / 403 / 404 / 503 for the caller, or a verdict that lets the request on.
 
-    def __init__(self, store: ConnectorStore):
+    `admit` is the one decision whether a caller may pass; the reverse listener (here), the forward
+    listener and the config endpoint all ask it.
+    """
+
+    def __init__(self, store: ConnectorStore, gate: Gate):
         self.store = store
+        self.gate = gate
         self.backend: IdentityBackend | None = None
 
     def load(self, loader):
@@ -96,56 +143,76 @@ class ClientAuth:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
+    async def admit(
+        self, token: str | None, refs: Sequence[tuple[str, str]], require_usable: bool = True,
+    ) -> Admission | Refusal:
+        """May the holder of `token` use every connector in `refs`? The one place this is decided.
+
+        Order (DESIGN section 3): authenticate (401), authorize each connector (403), look it up
+        (404, or 503 when it cannot be used), so nobody learns which connectors exist without
+        permission. Any failure of the identity backend is a refusal (503), never a pass.
+        """
+        target = ", ".join(f"connector {ns}/{name}" for ns, name in refs) or "this proxy"
+        if token is None:
+            return Refusal(401, "UNAUTHORIZED", f"authentication required to use {target}")
+        backend = self.backend
+        if backend is None:
+            return Refusal(503, "UNAVAILABLE", "no client authentication backend is configured (client_tokens or client_auth)")
+        try:
+            identity = await self.ask(backend.authenticate, token)
+            if identity is None:
+                return Refusal(401, "UNAUTHORIZED", f"invalid or expired token for {target}")
+            connectors = []
+            for ns, name in refs:
+                if not await self.ask(backend.authorize, identity, ns, name):
+                    return Refusal(403, "DENIED", f"{identity.subject} may not use connector {ns}/{name}")
+                if not self.store.synced:
+                    return Refusal(503, "UNAVAILABLE", "connectors not loaded yet; retry shortly")
+                connector = self.store.get(ns, name)
+                if connector is None:
+                    return Refusal(404, "NAME_UNKNOWN", f"connector {ns}/{name} not found")
+                if require_usable and not connector.usable:
+                    return Refusal(503, "UNAVAILABLE", f"connector {ns}/{name} is not usable: {connector.problem}")
+                connectors.append(connector)
+        except Exception as e:  # the API server is down or refuses us: say so, never pass
+            logger.warning("client authentication for %s failed: %s", target, describe_exception(e))
+            return Refusal(503, "UNAVAILABLE", f"cannot verify the caller's identity for {target} right now")
+        return Admission(identity, tuple(connectors))
+
+    def grant(self, flow: http.HTTPFlow, route: Route, connector: Connector, subject: str) -> None:
+        """Record the verdict: this flow may go to this connector's address, and nowhere else."""
+        address = connector.address
+        assert address is not None
+        self.gate.grant(flow, Verdict(subject, connector.key, (address.scheme, address.host, address.port)))
+        dataclasses.replace(route, subject=subject).store(flow)
+
+    @fail_closed(credentials=True)
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         route = Route.of(flow)
         if flow.response or route is None:
             return
         if route.form == "forward":  # identity checked and bound on CONNECT by the forward addon
-            self._serve(flow, route, route.subject)
+            connector = self.store.get(route.namespace, route.name)
+            if connector is None or not connector.usable:
+                problem = "not found" if connector is None else f"is not usable: {connector.problem}"
+                flow.response = oci.refusal(flow.request, 503, "UNAVAILABLE", f"connector {route.connector} {problem}")
+                return
+            self.grant(flow, route, connector, route.subject)
             return
         token = parse_client_credential(flow.request.headers.get("authorization"))
-        target = f"connector {route.connector}" if route.name else "this proxy"
-        if token is None:
-            flow.response = unauthorized(f"authentication required to use {target}")
+        refs = [(route.namespace, route.name)] if route.name else []
+        result = await self.admit(token, refs)
+        if isinstance(result, Refusal):
+            flow.response = self.refuse(flow.request, result)
             return
-        if self.backend is None:
-            flow.response = oci.error_response(
-                503, "UNAVAILABLE", "no client authentication backend is configured (client_tokens or client_auth)"
-            )
+        if route.form == "ping" or route.path in ("/v2", "/v2/"):
+            # The ping: answered here (the upstream is authenticated per request).
+            flow.response = oci.frame(flow.request, oci.ping_response())
             return
-        try:
-            identity = await self.ask(self.backend.authenticate, token)
-            if identity is None:
-                flow.response = unauthorized(f"invalid or expired token for {target}")
-                return
-            if route.form == "ping":
-                # The shared-host ping names no connector: a valid identity is all it takes.
-                flow.response = oci.ping_response()
-                return
-            allowed = await self.ask(self.backend.authorize, identity, route.namespace, route.name)
-        except Exception as e:  # the API server is down or refuses us: say so, don't crash the flow
-            logger.warning("client authentication for %s failed: %s", target, type(e).__name__)
-            flow.response = oci.error_response(503, "UNAVAILABLE", f"cannot verify the caller's identity for {target} right now")
-            return
-        if not allowed:
-            flow.response = oci.error_response(
-                403, "DENIED", f"{identity.subject} may not use connector {route.connector}"
-            )
-            return
-        self._serve(flow, route, identity.subject)
+        self.grant(flow, route, result.connectors[0], result.identity.subject)
 
-    def _serve(self, flow: http.HTTPFlow, route: Route, subject: str) -> None:
-        """The caller may use the connector: 404/503 if it can't be served, the ping answered here."""
-        connector = self.store.get(route.namespace, route.name)
-        if connector is None:
-            flow.response = oci.error_response(404, "NAME_UNKNOWN", f"connector {route.connector} not found")
-            return
-        if not connector.usable:
-            flow.response = oci.error_response(
-                503, "UNAVAILABLE", f"connector {route.connector} is not usable: {connector.problem}"
-            )
-            return
-        if route.path in ("/v2", "/v2/"):
-            # The connector's own ping: answered here, the upstream is authenticated per request.
-            flow.response = oci.ping_response()
-        dataclasses.replace(route, subject=subject).store(flow)
+    @staticmethod
+    def refuse(request: http.Request, refusal: Refusal) -> http.Response:
+        if refusal.status == 401:
+            return unauthorized(request, refusal.message)
+        return oci.refusal(request, refusal.status, refusal.code, refusal.message)

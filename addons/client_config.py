@@ -23,7 +23,9 @@ from urllib.parse import parse_qs
 from mitmproxy import ctx, http
 
 from addons import oci
-from addons.client_auth import ClientAuth, parse_client_credential, unauthorized
+from addons.client_auth import ClientAuth, Refusal, parse_client_credential
+from addons.gate import fail_closed
+from addons.routing import NAME_RE, NAMESPACE_RE
 from addons.routing import is_reverse
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -56,46 +58,36 @@ class ClientConfig:
                           "host:port of the forward proxy as workloads reach it (for rendered .env and *.proxy).")
         loader.add_option("forward_ca_cert", str, "", "PEM file of the forward proxy's CA certificate (for rendered ca.crt).")
 
+    @fail_closed(credentials=True)
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not is_reverse(flow) or flow.request.path.partition("?")[0] != PATH:
             return
         if flow.request.method not in ("GET", "HEAD"):
-            flow.response = oci.error_response(405, "UNSUPPORTED", f"{PATH} answers GET only")
+            flow.response = oci.refusal(flow.request, 405, "UNSUPPORTED", f"{PATH} answers GET only")
             return
         query = {k: v[-1] for k, v in parse_qs(flow.request.path.partition("?")[2]).items()}
         token = parse_client_credential(flow.request.headers.get("authorization"))
-        if token is None:
-            flow.response = unauthorized("authentication required to render client configuration")
-            return
-        backend = self.client_auth.backend
-        if backend is None:
-            flow.response = oci.error_response(503, "UNAVAILABLE", "no client authentication backend is configured")
-            return
-        identity = await self.client_auth.ask(backend.authenticate, token)
-        if identity is None:
-            flow.response = unauthorized("invalid or expired token")
-            return
-        refs = [r.strip() for r in query.get("use", "").split(",") if r.strip()]
-        if not refs:
-            flow.response = oci.error_response(400, "UNSUPPORTED", "use=<namespace>/<name>[,...] is required")
-            return
-        connectors = []
-        for ref in refs:
-            ns, _, name = ref.partition("/")
-            if not await self.client_auth.ask(backend.authorize, identity, ns, name):
-                flow.response = oci.error_response(403, "DENIED", f"{identity.subject} may not use connector {ref}")
+        refs = []
+        for ref in (r.strip() for r in query.get("use", "").split(",") if r.strip()):
+            ns, slash, name = ref.partition("/")
+            if not slash or not NAMESPACE_RE.match(ns) or not NAME_RE.match(name):
+                flow.response = oci.refusal(flow.request, 400, "NAME_INVALID", f"use: {ref!r} is not <namespace>/<name>")
                 return
-            connector = self.store.get(ns, name)
-            if connector is None:
-                flow.response = oci.error_response(404, "NAME_UNKNOWN", f"connector {ref} not found")
-                return
-            connectors.append(connector)
+            refs.append((ns, name))
+        if token is not None and not refs:
+            flow.response = oci.refusal(flow.request, 400, "UNSUPPORTED", "use=<namespace>/<name>[,...] is required")
+            return
+        result = await self.client_auth.admit(token, refs, require_usable=False)
+        if isinstance(result, Refusal):
+            flow.response = self.client_auth.refuse(flow.request, result)
+            return
+        connectors = list(result.connectors)
         proxy_url = query.get("proxy_url") or ctx.options.external_url or None
         try:
             files = render(RenderRequest(connectors, token, query.get("names", ""), proxy_url,
                                          ctx.options.forward_address or None, self._ca_pem()))
         except RenderError as e:
-            flow.response = oci.error_response(400, "UNSUPPORTED", str(e))
+            flow.response = oci.refusal(flow.request, 400, "UNSUPPORTED", str(e))
             return
         if query.get("format", "tar") == "json":
             body = json.dumps({"files": {k: v.decode() for k, v in files.items()}}, indent=2).encode()
@@ -103,7 +95,12 @@ class ClientConfig:
         else:
             body = tar_of(files)
             content_type = "application/x-tar"
-        flow.response = http.Response.make(200, PLACEHOLDER, {"Content-Type": content_type, "Cache-Control": "no-store"})
+        headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+        if flow.request.method == "HEAD":  # the length of what GET would send, and no body
+            flow.response = http.Response.make(200, b"", headers)
+            flow.response.headers["Content-Length"] = str(len(body))
+            return
+        flow.response = http.Response.make(200, PLACEHOLDER, headers)
         self.secrets.response_body(flow, body)
 
     def _ca_pem(self) -> str | None:

@@ -19,8 +19,9 @@ if __package__ in (None, ""):  # loaded by path with `-s`: make the project impo
 from addons.client_auth import ClientAuth  # noqa: E402
 from addons.client_config import ClientConfig  # noqa: E402
 from addons.forward import ForwardProxy  # noqa: E402
+from addons.gate import Gate  # noqa: E402
 from addons.health import Health  # noqa: E402
-from addons.listener import PlainHttpListener  # noqa: E402
+from addons.listener import HeaderTimeout, PlainHttpListener  # noqa: E402
 from addons.record import OutOfBandRecorder  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
@@ -33,15 +34,17 @@ from addons.upstream_trust import UpstreamTrust  # noqa: E402
 
 def make_addons() -> list:
     store = ConnectorStore()
-    scrub = Scrub()
+    gate = Gate()
+    scrub = Scrub(gate)
     recorder = OutOfBandRecorder()
     upstream = UpstreamCredentials(store, scrub.late, recorder)
-    client_auth = ClientAuth(store)
+    client_auth = ClientAuth(store, gate)
     return [
         PlainHttpListener(),
+        HeaderTimeout(),
         store,
         ConnectorStatus(store),
-        Health(store, upstream),
+        Health(store, upstream, gate),
         ClientConfig(store, client_auth, scrub.late),
         ForwardProxy(store, client_auth),
         Routing(),

@@ -13,8 +13,6 @@ Plain-HTTP forward requests carry `Proxy-Authorization` themselves and are handl
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import weakref
 from dataclasses import dataclass
@@ -24,7 +22,8 @@ from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy.mode_specs import RegularMode
 
 from addons import oci
-from addons.client_auth import ClientAuth
+from addons.client_auth import MAX_CREDENTIAL_LENGTH, ClientAuth, Refusal, decode_basic, valid_token
+from addons.gate import Verdict, destination, fail_closed
 from addons.routing import NAME_RE, NAMESPACE_RE, Route
 from addons.store import ConnectorStore
 from connector_store.model import Connector, parse_address
@@ -43,18 +42,20 @@ class Binding:
 
 
 def parse_proxy_authorization(value: str | None) -> tuple[tuple[tuple[str, str], ...], str] | None:
-    """`Basic base64("ns/name[,ns/name]:token")` -> (((ns, name), ...), token); None when malformed."""
-    if not value or len(value) > 16 * 1024:
+    """`Basic base64("ns/name[,ns/name]:token")` -> (((ns, name), ...), token); None when malformed.
+
+    Never raises: the header comes from anybody.
+    """
+    if not value or len(value) > MAX_CREDENTIAL_LENGTH:
         return None
     scheme, _, encoded = value.strip().partition(" ")
     if scheme.lower() != "basic":
         return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    decoded = decode_basic(encoded.strip())
+    if decoded is None:
         return None
     user, sep, token = decoded.partition(":")
-    if not sep or not token:
+    if not sep or not valid_token(token):
         return None
     refs = []
     for item in unquote(user).split(","):
@@ -84,14 +85,15 @@ def is_forward(flow_or_conn) -> bool:
     return isinstance(client.proxy_mode, RegularMode)
 
 
-def proxy_auth_required(message: str) -> http.Response:
-    return oci.error_response(407, "UNAUTHORIZED", message, headers={"Proxy-Authenticate": PROXY_CHALLENGE})
+def proxy_auth_required(request: http.Request, message: str) -> http.Response:
+    return oci.refusal(request, 407, "UNAUTHORIZED", message, headers={"Proxy-Authenticate": PROXY_CHALLENGE}, forward=True)
 
 
 class ForwardProxy:
     def __init__(self, store: ConnectorStore, client_auth: ClientAuth):
         self.store = store
         self.client_auth = client_auth
+        self.gate = client_auth.gate
         self.bindings: weakref.WeakKeyDictionary[connection.Client, Binding] = weakref.WeakKeyDictionary()
 
     def load(self, loader):
@@ -103,34 +105,23 @@ class ForwardProxy:
     # ---- identity
 
     async def _bind(self, flow: http.HTTPFlow) -> Binding | None:
-        """Check Proxy-Authorization; answer 407/403 on the flow, or return the binding."""
+        """Check Proxy-Authorization; answer 407/403/503 on the flow, or return the binding."""
         parsed = parse_proxy_authorization(flow.request.headers.get("proxy-authorization"))
         if parsed is None:
             flow.response = proxy_auth_required(
-                "Proxy-Authorization must be Basic <namespace>/<name>[,<namespace>/<name>]:<token>")
+                flow.request, "Proxy-Authorization must be Basic <namespace>/<name>[,<namespace>/<name>]:<token>")
             return None
         refs, token = parsed
-        backend = self.client_auth.backend
-        if backend is None:
-            flow.response = oci.error_response(503, "UNAVAILABLE", "no client authentication backend is configured")
+        result = await self.client_auth.admit(token, refs, require_usable=False)
+        if isinstance(result, Refusal):
+            if result.status == 401:
+                flow.response = proxy_auth_required(flow.request, result.message)
+            elif result.status == 404:  # forward mode: a connector that does not exist is just not allowed
+                flow.response = oci.refusal(flow.request, 403, "DENIED", result.message, forward=True)
+            else:
+                flow.response = oci.refusal(flow.request, result.status, result.code, result.message, forward=True)
             return None
-        try:
-            identity = await self.client_auth.ask(backend.authenticate, token)
-            if identity is None:
-                flow.response = proxy_auth_required("invalid or expired token")
-                return None
-            for ns, name in refs:
-                if not await self.client_auth.ask(backend.authorize, identity, ns, name):
-                    flow.response = oci.error_response(403, "DENIED", f"{identity.subject} may not use connector {ns}/{name}")
-                    return None
-                if self.store.get(ns, name) is None:
-                    flow.response = oci.error_response(403, "DENIED", f"connector {ns}/{name} does not exist")
-                    return None
-        except Exception as e:
-            logger.warning("forward proxy authentication failed: %s", type(e).__name__)
-            flow.response = oci.error_response(503, "UNAVAILABLE", "cannot verify the caller's identity right now")
-            return None
-        binding = Binding(identity.subject, tuple(f"{ns}/{name}" for ns, name in refs))
+        binding = Binding(result.identity.subject, tuple(c.key for c in result.connectors))
         self.bindings[flow.client_conn] = binding
         return binding
 
@@ -146,6 +137,7 @@ class ForwardProxy:
 
     # ---- hooks
 
+    @fail_closed(credentials=True)
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if not is_forward(flow):
             return
@@ -153,8 +145,14 @@ class ForwardProxy:
         if binding is None:
             return
         if ctx.options.forward_refuse_unknown and not self._connector_for(binding, flow.request.host, flow.request.port):
-            flow.response = oci.error_response(403, "DENIED", f"{flow.request.host}:{flow.request.port} is no connector's address")
+            flow.response = oci.refusal(flow.request, 403, "DENIED",
+                                        f"{flow.request.host}:{flow.request.port} is no connector's address", forward=True)
+            return
+        # The tunnel may open: TLS to a connector's address is intercepted and every request in it
+        # checked again; anything else is relayed untouched to the host the CONNECT named.
+        self.gate.grant_connection(flow.client_conn, Verdict(binding.subject, "", destination(flow.request)))
 
+    @fail_closed
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         client = data.context.client
         if not isinstance(client.proxy_mode, RegularMode) or data.context.server.address is None:
@@ -163,6 +161,7 @@ class ForwardProxy:
         if self._connector_for(self.bindings.get(client), host, port) is None:
             data.ignore_connection = True  # not a connector: the client talks TLS with the real server
 
+    @fail_closed(credentials=True)
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not is_forward(flow):
             return
@@ -172,18 +171,22 @@ class ForwardProxy:
             if binding is None:
                 return
         if binding is None:
-            flow.response = proxy_auth_required("proxy authentication required")
+            flow.response = proxy_auth_required(flow.request, "proxy authentication required")
             return
         connector = self._connector_for(binding, flow.request.host, flow.request.port)
         if connector is None:
             if ctx.options.forward_refuse_unknown:
-                flow.response = oci.error_response(403, "DENIED", f"{flow.request.host} is no connector's address")
-            return  # not a connector: forwarded as it is, without credentials
+                flow.response = oci.refusal(flow.request, 403, "DENIED", f"{flow.request.host} is no connector's address",
+                                            forward=True)
+                return
+            # Not a connector: forwarded as it is, without credentials.
+            self.gate.grant(flow, Verdict(binding.subject, "", destination(flow.request)))
+            return
         path = flow.request.path.partition("?")[0]
         try:
             oci.parse_api_path(path)
         except oci.ProtocolError as e:
-            flow.response = oci.error_response(e.status, e.code, str(e))
+            flow.response = oci.refusal(flow.request, e.status, e.code, str(e))
             return
         origin = f"{flow.request.scheme}://{flow.request.host_header or flow.request.host}"
         Route("forward", connector.namespace, connector.name, origin, "", path, subject=binding.subject).store(flow)

@@ -6,6 +6,7 @@ Response; everything else is plain data in, plain data out, so tests drive it di
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -108,6 +109,87 @@ def pick_challenge(challenges: list[Challenge]) -> Challenge | None:
     return None
 
 
+class RealmError(ValueError):
+    """A token realm the proxy will not call: its message says why (never quoting credentials)."""
+
+
+@dataclass(frozen=True)
+class Realm:
+    """A token realm, parsed once: the request for a token is built from these parts alone."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lower-case DNS name, IPv4 address, or IPv6 address without brackets
+    port: int
+    target: str  # path and query, starting with "/"
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}[self.scheme]
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.target}"
+
+    def with_query(self, query: str) -> str:
+        """The request target (path and query) with `query` appended."""
+        if not query:
+            return self.target
+        return self.target + ("&" if "?" in self.target else "?") + query
+
+
+_REALM_RE = re.compile(
+    r"(?P<scheme>https?)://"
+    r"(?:(?P<name>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?)"
+    r"|\[(?P<ipv6>[0-9a-f:.]+)\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+    r"(?P<target>/(?:[A-Za-z0-9\-._~!$&'()*+,;=:/?]|%[0-9A-Fa-f]{2})*)?",
+    re.IGNORECASE,
+)
+MAX_REALM_LENGTH = 2048
+
+
+def parse_realm(value: str) -> Realm:
+    """Parse a token realm strictly; raises RealmError for anything two URL parsers could read differently.
+
+    Refused: other schemes, userinfo (`@` anywhere), backslashes, whitespace, control and non-ASCII
+    characters, fragments, bad percent-escapes, ports out of range, and hosts that are neither a
+    DNS name nor an IP address. What is accepted has one reading, and the token request is built
+    from the parts returned here, so the host that was checked is the host that is called.
+    """
+    if not isinstance(value, str) or not value:
+        raise RealmError("the token realm is empty")
+    if len(value) > MAX_REALM_LENGTH:
+        raise RealmError("the token realm is too long")
+    m = _REALM_RE.fullmatch(value) if value.isascii() else None
+    if not m:
+        raise RealmError(f"the token realm {_printable(value)!r} is not a plain http(s) URL")
+    port = int(m.group("port")) if m.group("port") else (443 if m.group("scheme") == "https" else 80)
+    if not 0 < port < 65536:
+        raise RealmError(f"the token realm's port {port} is out of range")
+    if m.group("ipv6") is not None:
+        try:
+            host = str(ipaddress.IPv6Address(m.group("ipv6")))
+        except ValueError:
+            raise RealmError("the token realm's IPv6 address is malformed") from None
+    else:
+        host = m.group("name").rstrip(".").lower()
+        last = host.rsplit(".", 1)[-1]
+        if last.isdigit() or last.startswith("0x"):
+            # Numeric hosts have one reading only as a canonical dotted quad: the resolver would
+            # take "0x7f.1" or "127.1" as 127.0.0.1, which no string comparison would see.
+            try:
+                host = str(ipaddress.IPv4Address(host))
+            except ValueError:
+                raise RealmError(f"the token realm's host {host!r} is not a canonical IPv4 address") from None
+    return Realm(m.group("scheme").lower(), host.lower(), port, m.group("target") or "/")
+
+
+def _printable(value: str, limit: int = 200) -> str:
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in value[:limit])
+
+
 # ---------------------------------------------------------------- API paths and scopes
 
 
@@ -186,7 +268,8 @@ def has_body(request: http.Request) -> bool:
     if "chunked" in request.headers.get("transfer-encoding", "").lower():
         return True
     length = request.headers.get("content-length", "0").strip() or "0"
-    return not length.isdigit() or int(length) > 0
+    # ASCII digits only: "²".isdigit() is True and int("²") raises.
+    return not (length.isascii() and length.isdigit()) or int(length) > 0
 
 
 # ---------------------------------------------------------------- errors
@@ -206,6 +289,40 @@ def error_response(
     all_headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
     all_headers.update(headers or {})
     return http.Response.make(status, error_body(code, message, detail), all_headers)
+
+
+NO_BODY_STATUSES = (204, 304)
+
+
+def refusal(
+    request: http.Request, status: int, code: str, message: str, detail: object = None,
+    headers: dict[str, str] | None = None, forward: bool = False,
+) -> http.Response:
+    """Every response the proxy makes itself, framed for the request it answers.
+
+    A registry's JSON error, with its API version header; HEAD, 204 and 304 carry no body (a body
+    on a kept-alive connection would be read as the next response), but HEAD keeps the length the
+    GET would have had, as a registry does. `forward`: an answer of the forward proxy, not of a
+    registry (no registry API header).
+    """
+    all_headers = {"Content-Type": "application/json"}
+    if not forward:
+        all_headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    all_headers.update(headers or {})
+    body = error_body(code, message, detail)
+    return frame(request, http.Response.make(status, body, all_headers))
+
+
+def frame(request: http.Request, response: http.Response) -> http.Response:
+    """Drop the body where HTTP forbids one (HEAD keeps the Content-Length of what GET would get)."""
+    if request.method.upper() == "HEAD" or response.status_code in NO_BODY_STATUSES or response.status_code < 200:
+        length = len(response.raw_content or b"")
+        response.content = b""
+        if request.method.upper() == "HEAD" and response.status_code not in NO_BODY_STATUSES:
+            response.headers["Content-Length"] = str(length)
+        else:
+            response.headers.pop("Content-Length", None)
+    return response
 
 
 def ping_response() -> http.Response:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, http
 
-from addons.scrub import REDACTED, redacted
+from addons.scrub import REDACTED, redact_text, redact_values, redacted, secret_parts
 
 REPLAY_KEY = "connector_proxy_replay"
 TOKEN_FIELDS = ("token", "access_token", "refresh_token", "id_token")
@@ -50,12 +50,35 @@ def redact_token_body(body: bytes) -> bytes:
     return json.dumps(doc).encode()
 
 
+def token_values(body: bytes) -> list[str]:
+    """The token strings a token response carries (to be redacted wherever else they appear)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    return [v for k in TOKEN_FIELDS if isinstance(v := doc.get(k), str) and v]
+
+
 def make_exchange(kind: str, method: str, url: str, request_headers: dict[str, str], status: int,
                   response_headers: list[tuple[str, str]], body: bytes) -> Exchange:
-    """Redact at the source: nothing secret leaves the thread that made the request."""
+    """Redact at the source: nothing secret leaves the thread that made the request.
+
+    By name (Authorization, token fields) and by value: a token server that copies the token into
+    another field or a header, or a registry that echoes the credentials, gets them redacted too.
+    """
+    secrets: list[str] = []
+    for k, v in request_headers.items():
+        if k.lower() == "authorization":
+            secrets += secret_parts(v)
+    secrets += token_values(body)
     sent = tuple((k, redacted(v) if k.lower() == "authorization" else v) for k, v in request_headers.items())
     answer = redact_token_body(body) if kind == "token" else body
-    kept = tuple((k, v) for k, v in response_headers if k.lower() not in ("set-cookie", "content-length"))
+    answer = redact_values(answer, [s.encode() for s in secrets])
+    kept = tuple(
+        (k, redact_text(v, secrets)) for k, v in response_headers if k.lower() not in ("set-cookie", "content-length")
+    )
     return Exchange(kind, method, url, sent, status, kept, answer)
 
 

@@ -15,6 +15,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from mitmproxy import http
 
+from addons.gate import fail_closed
 from addons.routing import Route
 from connector_store.model import Address, parse_address
 
@@ -22,9 +23,12 @@ _LINK_TARGET_RE = re.compile(r"<([^>]*)>")
 
 
 def rewrite_url(url: str, request_url: str, upstream: Address, route: Route) -> str:
-    """Map a URL the registry sent to the proxy's address for it; foreign hosts are kept as they are."""
-    absolute = urlsplit(urljoin(request_url, url))
+    """Map a URL the registry sent to the proxy's address for it; foreign hosts are kept as they are.
+
+    Never raises: a URL that cannot be parsed (`http://[::1`) is not the registry's, and is kept.
+    """
     try:
+        absolute = urlsplit(urljoin(request_url, url))
         target = parse_address(f"{absolute.scheme}://{absolute.netloc}")
     except ValueError:
         return url
@@ -57,7 +61,7 @@ BLOB_KEY = "connector_proxy_blob"  # flow.metadata: size and digest of a streame
 def is_small_document(headers, max_size: int = SMALL_BODY) -> bool:
     """A body that is worth keeping on the flow: a known, small size (blobs are neither)."""
     length = headers.get("content-length", "")
-    return length.isdigit() and int(length) <= max_size
+    return length.isascii() and length.isdigit() and int(length) <= max_size
 
 
 def stream_request(flow: http.HTTPFlow) -> bool:
@@ -71,11 +75,14 @@ def stream_request(flow: http.HTTPFlow) -> bool:
 
 
 def stream_response(flow: http.HTTPFlow) -> bool:
-    """Stream success bodies unless they are small documents; errors are small JSON and kept whole
-    (the upstream addon may replace a 401)."""
+    """Stream every body unless it is a small document (manifests, tag lists, JSON errors), which is
+    kept whole so recordings show it. A 401 is the upstream addon's to answer (it keeps small ones
+    and replaces large ones without reading them)."""
     assert flow.response is not None
-    if flow.response.status_code >= 400:
+    if flow.response.status_code == 401:
         return False
+    if flow.response.status_code >= 400:
+        return not is_small_document(flow.response.headers)
     route = Route.of(flow)
     is_blob = route is not None and "/blobs/" in route.path
     return is_blob or not is_small_document(flow.response.headers)
@@ -100,10 +107,12 @@ def rewrite_response_headers(flow: http.HTTPFlow) -> None:
 
 
 class Rewrite:
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.response and Route.of(flow) and stream_request(flow):
             flow.request.stream = True
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         route = Route.of(flow)
         if route is None or not route.upstream or flow.response is None:
@@ -112,7 +121,8 @@ class Rewrite:
         headers = flow.response.headers
         if stream_response(flow):
             flow.response.stream = True
+            length = headers.get("content-length", "")
             flow.metadata[BLOB_KEY] = {
-                "size": int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None,
+                "size": int(length) if length.isascii() and length.isdigit() else None,
                 "digest": headers.get("docker-content-digest"),
             }

@@ -20,6 +20,7 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import oci
+from addons.gate import fail_closed
 from connector_store.model import Address
 
 METADATA_KEY = "connector_proxy"
@@ -115,7 +116,11 @@ def translate_mount_query(query: str, route: Route) -> str:
     Same connector: strip the path-form prefix. Another connector: the registry cannot mount
     from a different registry, so drop mount/from and let it become a plain upload.
     """
-    params = parse_qsl(query, keep_blank_values=True)
+    try:
+        params = parse_qsl(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        # Not UTF-8: no repository name can be in it; drop the mount, a plain upload still works.
+        return "&".join(p for p in query.split("&") if not p.startswith(("mount=", "from=")))
     source = next((v for k, v in params if k == "from"), None)
     if source is None:
         return query
@@ -126,7 +131,10 @@ def translate_mount_query(query: str, route: Route) -> str:
         params = [(k, m.group("repo") if k == "from" else v) for k, v in params]
     else:
         params = [(k, v) for k, v in params if k not in ("mount", "from")]
-    return urlencode(params)
+    try:
+        return urlencode(params)
+    except UnicodeEncodeError:  # surrogate-escaped bytes: no valid repository, a plain upload
+        return urlencode([(k, v) for k, v in params if k not in ("mount", "from") and (k + v).isascii()])
 
 
 def retarget(request: http.Request, route: Route, address: Address) -> None:
@@ -151,6 +159,7 @@ class Routing:
 
     Reverse listener only: forward-mode routes come from the forward addon."""
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not is_reverse(flow):
             return
@@ -158,6 +167,6 @@ class Routing:
         try:
             route = route_request(path, flow.request.host_header, client_origin(flow))
         except oci.ProtocolError as e:
-            flow.response = oci.error_response(e.status, e.code, str(e))
+            flow.response = oci.refusal(flow.request, e.status, e.code, str(e))
             return
         route.store(flow)

@@ -19,9 +19,14 @@ addons keep secrets out of those records:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import time
+import weakref
 
 from mitmproxy import ctx, http
 
+from addons.gate import Gate, fail_closed
 from addons.oci import has_body
 
 REDACTED = "<redacted>"
@@ -34,8 +39,68 @@ def redacted(value: str) -> str:
     return f"{scheme} {REDACTED}" if scheme and scheme != value.strip() else REDACTED
 
 
-def redact_request(flow: http.HTTPFlow) -> None:
-    for name in CLIENT_CREDENTIAL_HEADERS:
+MIN_SECRET_LENGTH = 8  # shorter strings (a seed password "admin") would redact ordinary words
+
+
+def secret_parts(header_value: str) -> list[str]:
+    """What of an Authorization value is secret: the credential, and for Basic its decoded forms."""
+    scheme, _, credential = header_value.strip().partition(" ")
+    credential = credential.strip()
+    parts = [credential] if credential else []
+    if scheme.lower() == "basic" and credential:
+        try:
+            decoded = base64.b64decode(credential, validate=True).decode()
+        except (binascii.Error, ValueError):
+            decoded = ""
+        if decoded:
+            parts.append(decoded)
+            parts.append(decoded.partition(":")[2])
+    return [p for p in parts if len(p) >= MIN_SECRET_LENGTH]
+
+
+def redact_values(data: bytes, secrets: list[bytes]) -> bytes:
+    """Every occurrence of a secret overwritten with as many `*` (lengths, and so framing, stay)."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if secret and secret in data:
+            data = data.replace(secret, b"*" * len(secret))
+    return data
+
+
+def redact_text(value: str, secrets: list[str]) -> str:
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if secret and secret in value:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+class StreamRedactor:
+    """A `response.stream` callable that redacts secrets from a streamed body, across chunk edges.
+
+    It holds back the last `len(longest secret) - 1` bytes of each chunk until the next one (or
+    the end) shows whether they start a secret. Returns lists: an empty bytes chunk would end an
+    HTTP/1 chunked body early.
+    """
+
+    def __init__(self, secrets: list[bytes]):
+        self.secrets = [s for s in secrets if s]
+        self.keep = max((len(s) for s in self.secrets), default=1) - 1
+        self.held = b""
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if not chunk:  # end of the body
+            out, self.held = redact_values(self.held, self.secrets), b""
+            return [out] if out else []
+        data = redact_values(self.held + chunk, self.secrets)
+        if len(data) <= self.keep:
+            self.held = data
+            return []
+        cut = len(data) - self.keep
+        self.held = data[cut:]
+        return [data[:cut]]
+
+
+def redact_request(flow: http.HTTPFlow, names: tuple[str, ...] = CLIENT_CREDENTIAL_HEADERS) -> None:
+    for name in names:
         values = flow.request.headers.get_all(name)
         if values and not all(v.endswith(REDACTED) for v in values):
             flow.request.headers.set_all(name, [redacted(v) for v in values])
@@ -49,17 +114,27 @@ class LateSecrets:
         self._bodies: dict[str, tuple[bytes, bytes]] = {}
         self._armed_requests: set[str] = set()
         self._armed_responses: set[str] = set()
+        # What each flow's response must not echo (the injected credential in all its forms).
+        self._secrets: weakref.WeakKeyDictionary[http.HTTPFlow, list[str]] = weakref.WeakKeyDictionary()
 
     # ---- what other addons call
 
     def request_header(self, flow: http.HTTPFlow, name: str, value: str) -> None:
         """Send `name: value` upstream with this request, without recording it."""
         self._headers[flow.id] = (name, value)
+        self._secrets[flow] = secret_parts(value)
 
     def response_body(self, flow: http.HTTPFlow, content: bytes) -> None:
         """Send `content` to the client instead of the (placeholder) body `flow.response` holds."""
         assert flow.response is not None
         self._bodies[flow.id] = (content, flow.response.content or b"")
+
+    def remember(self, flow: http.HTTPFlow, value: str) -> None:
+        """A credential sent for this flow some other way (a retry): its response must not echo it."""
+        self._secrets[flow] = self._secrets.get(flow, []) + secret_parts(value)
+
+    def secrets(self, flow: http.HTTPFlow) -> list[str]:
+        return self._secrets.get(flow, [])
 
     # ---- hooks, at the end of the chain
 
@@ -86,6 +161,7 @@ class LateSecrets:
                 name, value = self._headers.pop(flow.id)
                 if not flow.response:
                     flow.request.headers[name] = value
+                    _redact_header_when_sent(flow, name, time.monotonic() + SEND_WAIT_SECONDS)
             if flow.id in self._armed_responses and flow.response is not None:
                 self._armed_responses.discard(flow.id)
                 content, placeholder = self._bodies.pop(flow.id)
@@ -103,6 +179,25 @@ class LateSecrets:
 
 
 SEND_WAIT_ITERATIONS = 1000
+SEND_WAIT_SECONDS = 30.0
+SEND_POLL_SECONDS = 0.001
+
+
+def _redact_header_when_sent(flow: http.HTTPFlow, name: str, deadline: float) -> None:
+    """Take the injected header off the live flow as soon as mitmproxy has written the request head.
+
+    mitmproxy writes the head in the same synchronous step in which it attaches the server
+    connection to the flow, so once `flow.server_conn` is connected to where the request points,
+    the header has gone and the in-memory flow (what mitmweb's API reads while a body streams)
+    need not hold it. Until then (connection set-up) it is polled; a deadline bounds the wait, and
+    taking it off too early could only fail the request upstream (401), never leak.
+    """
+    server = flow.server_conn
+    sent = server.connected and server.address is not None and tuple(server.address[:2]) == (flow.request.host, flow.request.port)
+    if sent or flow.response is not None or flow.error is not None or time.monotonic() > deadline:
+        redact_request(flow, (name,))
+        return
+    asyncio.get_running_loop().call_later(SEND_POLL_SECONDS, _redact_header_when_sent, flow, name, deadline)
 
 
 def _restore_body_when_sent(flow: http.HTTPFlow, placeholder: bytes, waited: int = 0) -> None:
@@ -119,19 +214,26 @@ def _restore_body_when_sent(flow: http.HTTPFlow, placeholder: bytes, waited: int
 
 
 class Scrub:
-    """In our chain: client credentials out at once, injected ones redacted at every later event."""
+    """In our chain: client credentials out at once, injected ones redacted at every later event,
+    and anything of them a registry echoes redacted from its response."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Gate | None = None) -> None:
         self.late = LateSecrets()
+        self.gate = gate
 
     def running(self) -> None:
-        if self.late not in ctx.master.addons.chain:
-            ctx.master.addons.add(self.late)
+        # The gate and then LateSecrets go last, after mitmproxy's own addons: the gate runs even
+        # when an addon before it raised, and LateSecrets sets secrets after everything recorded.
+        for addon in (self.gate, self.late):
+            if addon is not None and addon not in ctx.master.addons.chain:
+                ctx.master.addons.add(addon)
 
     def done(self) -> None:
-        if self.late in ctx.master.addons.chain:
-            ctx.master.addons.remove(self.late)
+        for addon in (self.gate, self.late):
+            if addon is not None and addon in ctx.master.addons.chain:
+                ctx.master.addons.remove(addon)
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         for name in CLIENT_CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
@@ -143,11 +245,44 @@ class Scrub:
             if isinstance(flow, http.HTTPFlow):
                 redact_request(flow)
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         redact_request(flow)
+        secrets = self.late.secrets(flow)
+        if not secrets or flow.response is None:
+            return
+        headers = flow.response.headers
+        for name in set(headers.keys()):
+            values = headers.get_all(name)
+            clean = [redact_text(v, secrets) for v in values]
+            if clean != values:
+                headers.set_all(name, clean)
+        if flow.response.stream is True:
+            flow.response.stream = StreamRedactor([s.encode() for s in secrets])
+        elif callable(flow.response.stream):
+            inner, redactor = flow.response.stream, StreamRedactor([s.encode() for s in secrets])
+            flow.response.stream = lambda chunk: [
+                out for piece in _as_list(inner(chunk)) if piece for out in redactor(piece)
+            ] + (redactor(b"") if not chunk else [])
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         redact_request(flow)
+        secrets = self.late.secrets(flow)
+        if secrets and flow.response is not None and not flow.response.stream and flow.response.raw_content:
+            body = flow.response.get_content(strict=False) or b""  # decoded: a gzipped echo is caught too
+            clean = redact_values(body, [s.encode() for s in secrets])
+            if clean != body:
+                flow.response.set_content(clean)
+            for name in set(flow.response.headers.keys()):
+                values = flow.response.headers.get_all(name)
+                cleaned = [redact_text(v, secrets) for v in values]
+                if cleaned != values:
+                    flow.response.headers.set_all(name, cleaned)
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_request(flow)
+
+
+def _as_list(chunks) -> list[bytes]:
+    return [chunks] if isinstance(chunks, bytes) else list(chunks)

@@ -76,7 +76,9 @@ def _check_auth(connector: Connector, client: RegistryClient, challenge) -> Cond
         if challenge.kind == "basic":
             assert connector.address
             headers = {"Authorization": basic_header(creds.username, creds.password)} if creds.kind == "basic" else {}
-            resp = client.send(connector, "GET", f"{connector.address}/v2/", headers)
+            address = connector.address
+            resp = client.send(connector, "GET", address.scheme, address.host, address.port,
+                               address.path_prefix + "/v2/", headers)
             if resp.status == 200:
                 return Condition("AuthReady", "True", "CredentialsAccepted")
             return Condition("AuthReady", "False", "AuthFailed", f"the registry answered HTTP {resp.status} to the credentials")

@@ -22,12 +22,14 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import publicsuffix2
 import urllib3
@@ -36,7 +38,8 @@ from mitmproxy import ctx, http
 from addons import oci
 from addons.client_auth import CHALLENGE
 from addons.record import Exchange, OutOfBandRecorder, make_exchange
-from addons.rewrite import rewrite_response_headers
+from addons.gate import fail_closed
+from addons.rewrite import SMALL_BODY, rewrite_response_headers
 from addons.routing import Route, retarget
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -58,14 +61,14 @@ class UpstreamError(Exception):
         self.status = status
         self.code = code
 
-    def response(self) -> http.Response:
-        return oci.error_response(self.status, self.code, str(self))
+    def response(self, request: http.Request) -> http.Response:
+        return oci.refusal(request, self.status, self.code, str(self))
 
 
 @dataclass(frozen=True)
 class UpstreamChallenge:
     kind: Literal["bearer", "basic", "none"]
-    realm: str = ""
+    realm: oci.Realm | None = None  # parsed once, when the challenge is learnt
     service: str = ""
 
 
@@ -75,24 +78,61 @@ class Token:
     lifetime: float  # seconds to reuse it for, counted from when it was asked for
 
 
+class TokenResponseError(ValueError):
+    """A token server's answer that holds no usable token."""
+
+
+MAX_TOKEN_LIFETIME = 24 * 3600.0
+MAX_TOKEN_LENGTH = 64 * 1024
+
+
+def parse_token_response(body: bytes) -> tuple[str, float]:
+    """(token, expires_in seconds) from a token server's JSON; raises only TokenResponseError.
+
+    `expires_in` missing, not a number, not finite or not positive means the spec's default (60 s);
+    absurd values are capped at a day (the cache keeps tokens for half their life at most anyway).
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise TokenResponseError("not JSON") from None
+    if not isinstance(doc, dict):
+        raise TokenResponseError("not a JSON object")
+    value = doc.get("token") or doc.get("access_token")
+    if not isinstance(value, str) or not value or len(value) > MAX_TOKEN_LENGTH or not _PRINTABLE_RE.fullmatch(value):
+        raise TokenResponseError("no token in it")
+    expires_in = doc.get("expires_in")
+    lifetime = float(DEFAULT_TOKEN_LIFETIME)
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
+        try:
+            candidate = float(expires_in)
+        except OverflowError:  # a 400-digit integer
+            candidate = MAX_TOKEN_LIFETIME
+        if math.isfinite(candidate) and candidate > 0:
+            lifetime = min(candidate, MAX_TOKEN_LIFETIME)
+    return value, lifetime
+
+
+_PRINTABLE_RE = re.compile(r"[\x21-\x7e]+")
+
+
 def cache_lifetime(expires_in: float) -> float:
     """How long to reuse a token: well before it expires, so a request never carries a dead one."""
     return max(expires_in / 2, expires_in - 30)
 
 
-def realm_refusal(address: Address, realm: str) -> str | None:
+def realm_refusal(address: Address, realm: oci.Realm) -> str | None:
     """Why the Secret's credentials must not go to this realm, or None when they may.
 
     Allowed: the registry's host, or a host in its registrable domain (auth.docker.io for
     registry-1.docker.io); https, or http only if the registry itself is plain http.
-    IP addresses and single-label hosts must match exactly.
+    IP addresses and single-label hosts must match exactly. Any port (token servers often
+    listen on their own). The realm was parsed strictly (`oci.parse_realm`), and the request
+    is built from the same parts, so the host checked here is the host called.
     """
-    parts = urlsplit(realm)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
-        return f"token realm {realm!r} is not an http(s) URL"
-    if parts.scheme == "http" and address.scheme != "http":
-        return f"token realm {parts.scheme}://{host} is plain http while the registry uses https"
+    host = realm.host
+    if realm.scheme == "http" and address.scheme != "http":
+        return f"token realm http://{realm.netloc} is plain http while the registry uses https"
     if host == address.host:
         return None
     try:
@@ -109,10 +149,13 @@ def realm_refusal(address: Address, realm: str) -> str | None:
 
 
 class SingleFlightCache:
-    """An expiring cache where concurrent misses for one key wait on a single computation."""
+    """An expiring cache where concurrent misses for one key wait on a single computation.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    Bounded: past `max_entries` the oldest entries go (they are re-fetched when needed)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 4096):
         self.clock = clock
+        self.max_entries = max_entries
         self._values: dict[Hashable, tuple[Any, float]] = {}
         self._inflight: dict[Hashable, asyncio.Future] = {}
         self.hits = 0
@@ -138,6 +181,8 @@ class SingleFlightCache:
         try:
             value, ttl = await compute()
             self._purge_expired()
+            while len(self._values) >= self.max_entries:
+                del self._values[next(iter(self._values))]  # dicts keep insertion order: the oldest
             self._values[key] = (value, started + ttl)
             return value
         finally:
@@ -194,68 +239,76 @@ class RegistryClient:
         return pool
 
     def send(
-        self, connector: Connector, method: str, url: str, headers: dict[str, str] | None = None,
-        kind: str = "",
+        self, connector: Connector, method: str, scheme: str, host: str, port: int, target: str,
+        headers: dict[str, str] | None = None, kind: str = "", preload: bool = True,
     ) -> urllib3.BaseHTTPResponse:
-        """One request; `kind` ("probe", "token") names an out-of-band exchange worth recording."""
-        host = urlsplit(url).netloc
+        """One request, built from parts parsed once (never from a URL string parsed again).
+
+        `kind` ("probe", "token") names an out-of-band exchange worth recording; `preload=False`
+        leaves the body unread (the caller reads what it can afford and releases the connection).
+        """
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            resp = self._pool(connector).request(
-                method, url, headers=headers or {}, redirect=False, decode_content=False
+            pool = self._pool(connector).connection_from_host(host, port, scheme)
+            resp = pool.urlopen(
+                method, target, headers=headers or {}, redirect=False, retries=False,
+                decode_content=False, preload_content=preload, assert_same_host=False,
             )
             if kind and self.observer:
-                self.observer(make_exchange(kind, method, url, headers or {}, resp.status,
+                self.observer(make_exchange(kind, method, f"{scheme}://{netloc}{target}", headers or {}, resp.status,
                                             list(resp.headers.items()), resp.data))
             return resp
         except urllib3.exceptions.SSLError as e:
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: TLS verification of {host} failed: {_reason(e)}") from None
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: TLS verification of {netloc} failed: {_reason(e)}") from None
         except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {host} unreachable: {_reason(e)}") from None
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {netloc} unreachable: {_reason(e)}") from None
         except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError):
-            raise UpstreamError(504, "UNAVAILABLE", f"connector {connector.key}: {host} timed out") from None
+            raise UpstreamError(504, "UNAVAILABLE", f"connector {connector.key}: {netloc} timed out") from None
         except urllib3.exceptions.HTTPError as e:
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {host} unreachable: {_reason(e)}") from None
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {netloc} unreachable: {_reason(e)}") from None
 
     def probe(self, connector: Connector) -> UpstreamChallenge:
-        assert connector.address
-        resp = self.send(connector, "GET", f"{connector.address}/v2/", kind="probe")
+        address = connector.address
+        assert address
+        resp = self.send(connector, "GET", address.scheme, address.host, address.port, address.path_prefix + "/v2/",
+                         kind="probe")
         if resp.status == 401:
             challenge = oci.pick_challenge(oci.parse_www_authenticate(resp.headers.get("WWW-Authenticate", "")))
             if challenge and challenge.scheme == "bearer" and challenge.realm:
-                return UpstreamChallenge("bearer", challenge.realm, challenge.service or "")
+                try:
+                    realm = oci.parse_realm(challenge.realm)
+                except oci.RealmError as e:
+                    raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {address.netloc} sent an unusable token realm: {e}") from None
+                return UpstreamChallenge("bearer", realm, challenge.service or "")
             if challenge and challenge.scheme == "basic":
                 return UpstreamChallenge("basic")
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {connector.address.netloc} sent an unusable challenge")
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {address.netloc} sent an unusable challenge")
         if resp.status < 400:
             return UpstreamChallenge("none")
-        raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {connector.address.netloc} answered GET /v2/ with HTTP {resp.status}")
+        raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {address.netloc} answered GET /v2/ with HTTP {resp.status}")
 
     def fetch_token(self, connector: Connector, challenge: UpstreamChallenge, scopes: tuple[str, ...]) -> Token:
-        assert connector.address and connector.credentials
+        assert connector.address and connector.credentials and challenge.realm
         creds = connector.credentials
-        realm_host = urlsplit(challenge.realm).netloc
+        realm = challenge.realm
         query = [("service", challenge.service)] if challenge.service else []
         query += [("scope", s) for s in scopes]
-        url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
         headers = {}
         if creds.kind == "basic":
-            refusal = realm_refusal(connector.address, challenge.realm)
+            refusal = realm_refusal(connector.address, realm)
             if refusal:
                 raise UpstreamError(502, "DENIED", f"connector {connector.key}: credentials withheld: {refusal}")
             headers["Authorization"] = basic_header(creds.username, creds.password)
-        resp = self.send(connector, "GET", url, headers, kind="token")
+        resp = self.send(connector, "GET", realm.scheme, realm.host, realm.port, realm.with_query(urlencode(query)),
+                         headers, kind="token")
         if resp.status in (401, 403):
-            raise UpstreamError(502, "UNAUTHORIZED", f"connector {connector.key}: the token server {realm_host} rejected the connector's credentials (HTTP {resp.status})")
+            raise UpstreamError(502, "UNAUTHORIZED", f"connector {connector.key}: the token server {realm.netloc} rejected the connector's credentials (HTTP {resp.status})")
         if resp.status != 200:
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm_host} answered HTTP {resp.status}")
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm.netloc} answered HTTP {resp.status}")
         try:
-            body = json.loads(resp.data)
-            value = body.get("token") or body.get("access_token")
-            expires_in = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
-            value = None
-        if not isinstance(value, str) or not value:
-            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm_host} sent no token")
+            value, expires_in = parse_token_response(resp.data)
+        except TokenResponseError as e:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm.netloc} sent no usable token ({e})") from None
         return Token(value, cache_lifetime(expires_in))
 
 
@@ -324,7 +377,8 @@ class UpstreamCredentials:
         challenge = self.challenges.peek(key)
         shape: dict = {"credentials": connector.credentials.kind}  # type: ignore[union-attr]
         if isinstance(challenge, UpstreamChallenge):
-            shape.update({"challenge": challenge.kind, "realm": challenge.realm, "service": challenge.service})
+            shape.update({"challenge": challenge.kind, "realm": challenge.realm.url if challenge.realm else "",
+                          "service": challenge.service})
         return shape
 
     def forget(self, connector: Connector) -> None:
@@ -334,13 +388,14 @@ class UpstreamCredentials:
 
     # ------------------------------------------------------------ hooks
 
+    @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         route = Route.of(flow)
         if flow.response or route is None or route.form == "ping":
             return
         connector = self.store.get(route.namespace, route.name)
         if connector is None or connector.address is None:  # removed since client auth looked
-            flow.response = oci.error_response(404, "NAME_UNKNOWN", f"connector {route.connector} not found")
+            flow.response = oci.refusal(flow.request, 404, "NAME_UNKNOWN", f"connector {route.connector} not found")
             return
         retarget(flow.request, route, connector.address)
         dataclasses.replace(route, upstream=str(connector.address)).store(flow)
@@ -352,11 +407,12 @@ class UpstreamCredentials:
             flow.metadata[UPSTREAM_KEY]["auth"] = self._auth_shape(connector)
         except UpstreamError as e:
             logger.warning("%s", e)
-            flow.response = e.response()
+            flow.response = e.response(flow.request)
             return
         if header:
             self.secrets.request_header(flow, "Authorization", header)
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(UPSTREAM_KEY)
         if not state or not flow.response or flow.response.status_code != 401:
@@ -365,11 +421,25 @@ class UpstreamCredentials:
         connector = self.store.get(route.namespace, route.name) if route else None
         if connector:
             self.forget(connector)
-        # A request without a body can be sent again with a fresh token; keep the 401 unstreamed.
-        state["retry"] = not state["has_body"]
+        if small_body(flow.response.headers, MAX_CHALLENGE_BODY):
+            # Kept whole (it is small) and answered in `response`: a request without a body is
+            # sent again there with a fresh token.
+            state["retry"] = not state["has_body"]
+            return
+        # A 401 with a large or unknown body: never buffered, never passed on. Our own answer
+        # goes out now and the registry's body is drained.
+        flow.response = self._final_401(flow.request, flow.response, route, fresh=False)
+        flow.response.stream = ReplaceBody(flow.response.content or b"")
+        state["replaced"] = True
 
+    @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(UPSTREAM_KEY)
+        if state and state.get("replaced") and flow.response is not None and isinstance(flow.response.stream, ReplaceBody):
+            # Our answer replaced a large 401 in responseheaders. If the registry's (empty) body was
+            # read rather than streamed, it overwrote ours: put ours back.
+            flow.response.content = flow.response.stream.body
+            return
         if not state or not flow.response or flow.response.status_code != 401:
             return
         route = Route.of(flow)
@@ -377,17 +447,22 @@ class UpstreamCredentials:
         if connector and state.get("retry"):
             state["retry"] = False
             try:
-                flow.response = await self._resend(flow, connector, tuple(state["scopes"]))
+                retried = await self._resend(flow, connector, tuple(state["scopes"]))
             except UpstreamError as e:
-                flow.response = e.response()
+                flow.response = e.response(flow.request)
                 return
+            if retried is None:  # too large to hold: the client retries, and that request streams
+                flow.response = self._final_401(flow.request, flow.response, route, fresh=False)
+                return
+            flow.response = retried
             if flow.response.status_code != 401:
                 rewrite_response_headers(flow)  # the retried answer's Location, like any other
                 return
-            flow.response = self._final_401(flow.response, route, fresh=True)
+            flow.response = self._final_401(flow.request, flow.response, route, fresh=True)
         else:
-            flow.response = self._final_401(flow.response, route, fresh=False)
+            flow.response = self._final_401(flow.request, flow.response, route, fresh=False)
 
+    @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         route = Route.of(flow)
         connector = self.store.get(route.namespace, route.name) if route and route.name else None
@@ -395,7 +470,8 @@ class UpstreamCredentials:
             # Connection failures invalidate what we learnt about the registry.
             self.challenges.drop(lambda k: k[0] == connector.key)
 
-    async def _resend(self, flow: http.HTTPFlow, connector: Connector, scopes: tuple[str, ...]) -> http.Response:
+    async def _resend(self, flow: http.HTTPFlow, connector: Connector, scopes: tuple[str, ...]) -> http.Response | None:
+        """The bodiless request again, with a fresh token; None when the answer is too large to hold."""
         header = await self.authorization(connector, scopes)
         headers = {
             k: v for k, v in flow.request.headers.items()
@@ -403,24 +479,63 @@ class UpstreamCredentials:
         }
         if header:
             headers["Authorization"] = header
-        resp = await asyncio.to_thread(self.client.send, connector, flow.request.method, flow.request.url, headers)
+            self.secrets.remember(flow, header)
+        request = flow.request
+        return await asyncio.to_thread(self._send_bounded, connector, request.method, request.scheme, request.host,
+                                       request.port, request.path, headers)
+
+    def _send_bounded(self, connector: Connector, method: str, scheme: str, host: str, port: int, target: str,
+                      headers: dict[str, str]) -> http.Response | None:
+        resp = self.client.send(connector, method, scheme, host, port, target, headers, preload=False)
+        body = b""
+        if method.upper() != "HEAD" and resp.status not in (204, 304):
+            body = resp.read(SMALL_BODY + 1) if small_body(resp.headers, SMALL_BODY) else b"-" * (SMALL_BODY + 1)
+        if len(body) > SMALL_BODY:
+            resp.close()  # unread rest: the connection cannot be reused
+            return None
+        resp.release_conn()
         out_headers = http.Headers(
             [(k.encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
         )
-        return http.Response.make(resp.status, resp.data, out_headers)
+        response = http.Response.make(resp.status, b"", out_headers)
+        response.raw_content = body  # as the registry sent it (Content-Encoding and Content-Length kept)
+        return response
 
-    def _final_401(self, upstream: http.Response, route: Route | None, fresh: bool) -> http.Response:
+    def _final_401(self, request: http.Request, upstream: http.Response, route: Route | None, fresh: bool) -> http.Response:
         """The registry still says 401: never pass its challenge on (it names its own realm)."""
         name = route.connector if route else "?"
         challenge = oci.pick_challenge(oci.parse_www_authenticate(upstream.headers.get("WWW-Authenticate", "")))
         if challenge and challenge.error == "insufficient_scope":
-            return oci.error_response(
-                403, "DENIED",
+            return oci.refusal(
+                request, 403, "DENIED",
                 f"connector {name}: the registry refused the connector's credentials for "
-                f"{challenge.params.get('scope') or 'this operation'} (insufficient_scope); "
+                f"{_printable(challenge.params.get('scope') or 'this operation')} (insufficient_scope); "
                 "the credential may lack the permission (push, delete) this needs",
             )
         if fresh:
-            return oci.error_response(502, "UNAUTHORIZED", f"connector {name}: the registry rejected a fresh token")
+            return oci.refusal(request, 502, "UNAUTHORIZED", f"connector {name}: the registry rejected a fresh token")
         # A streamed request can't be replayed: let the client authenticate and send it again.
-        return oci.error_response(401, "UNAUTHORIZED", f"connector {name}: upstream token expired, retry", headers={"WWW-Authenticate": CHALLENGE})
+        return oci.refusal(request, 401, "UNAUTHORIZED", f"connector {name}: upstream token expired, retry",
+                           headers={"WWW-Authenticate": CHALLENGE})
+
+
+MAX_CHALLENGE_BODY = 64 * 1024
+
+
+def small_body(headers, limit: int) -> bool:
+    length = headers.get("content-length", "")
+    return length.isascii() and length.isdigit() and int(length) <= limit
+
+
+def _printable(value: str, limit: int = 200) -> str:
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in value[:limit])
+
+
+class ReplaceBody:
+    """A `response.stream` that drops the upstream's body and sends `body` instead, at the end."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        return [] if chunk else ([self.body] if self.body else [])

@@ -13,6 +13,7 @@ from conftest import reverse_tflow
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
+from addons.gate import Gate
 from addons.client_auth import ClientAuth, parse_client_credential
 from connector_store.identity import Identity, StaticTokens, may_use, token_digest
 from addons.routing import Route, Routing
@@ -201,7 +202,7 @@ def env(tmp_path):
     assert store.backend.refresh()
     assert store.get("default", "harbor").usable
     assert not store.get("default", "broken").usable
-    addon = ClientAuth(store)
+    addon = ClientAuth(store, Gate())
     with taddons.context(addon) as tctx:
         tctx.configure(addon, client_tokens=str(tokens))
         yield addon
@@ -364,7 +365,7 @@ def test_already_answered_or_unrouted_flows_are_left_alone(env):
 
 def test_without_token_backend_valid_looking_credentials_get_503(tmp_path):
     store = ConnectorStore()
-    addon = ClientAuth(store)
+    addon = ClientAuth(store, Gate())
     with taddons.context(addon):
         f = run(addon, HARBOR_MANIFEST, basic("x", "something"))
         assert f.response.status_code == 503
@@ -374,7 +375,7 @@ def test_without_token_backend_valid_looking_credentials_get_503(tmp_path):
 def test_invalid_token_file_is_an_options_error(tmp_path):
     bad = tmp_path / "tokens.yaml"
     bad.write_text("tokens: 7\n")
-    addon = ClientAuth(ConnectorStore())
+    addon = ClientAuth(ConnectorStore(), Gate())
     with taddons.context(addon) as tctx:
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(addon, client_tokens=str(bad))

@@ -33,6 +33,7 @@ from replay import (
     write_flows,
 )
 
+from addons.oci import parse_realm
 from addons.upstream_auth import realm_refusal
 from connector_store.model import parse_address
 
@@ -226,8 +227,8 @@ def test_handbuilt_shapes_pass_the_proxys_realm_policy_with_their_real_hosts(pat
     (auth.docker.io may receive registry-1.docker.io's credentials: same registrable domain)."""
     conv = Conversation.load(path)
     if conv.realm and conv.auth.get("credentials") == "basic":
-        assert realm_refusal(parse_address(conv.registry), conv.realm) is None
-    assert realm_refusal(parse_address(conv.registry), "https://attacker.example.net/token") is not None
+        assert realm_refusal(parse_address(conv.registry), parse_realm(conv.realm)) is None
+    assert realm_refusal(parse_address(conv.registry), parse_realm("https://attacker.example.net/token")) is not None
 
 
 # ---------------------------------------------------------------- what the files hold

@@ -187,7 +187,18 @@ def test_addon_keeps_redirects_to_storage_and_error_bodies_unstreamed():
     f = upstream_flow(HOST_ROUTE, 307, [(b"Location", s3.encode())])
     Rewrite().responseheaders(f)
     assert f.response.headers["Location"] == s3
-    f = upstream_flow(HOST_ROUTE, 404, [])
+    f = upstream_flow(HOST_ROUTE, 404, [(b"Content-Length", b"80")])
+    Rewrite().responseheaders(f)
+    assert not f.response.stream  # a small JSON error: kept whole
+
+
+def test_large_or_unsized_error_bodies_stream_and_401_is_left_to_upstream_auth():
+    """An error body of unknown or large size is never buffered (a hostile registry could send GiBs)."""
+    for headers in ([], [(b"Content-Length", str(200 * 1024 * 1024).encode())]):
+        f = upstream_flow(HOST_ROUTE, 500, headers)
+        Rewrite().responseheaders(f)
+        assert f.response.stream
+    f = upstream_flow(HOST_ROUTE, 401, [])
     Rewrite().responseheaders(f)
     assert not f.response.stream
 

@@ -7,6 +7,7 @@ import base64
 
 import pytest
 
+from addons.oci import RealmError, parse_realm
 from addons.upstream_auth import SingleFlightCache, basic_header, cache_lifetime, realm_refusal
 from connector_store.model import parse_address
 
@@ -30,7 +31,7 @@ from connector_store.model import parse_address
     ],
 )
 def test_realm_allowed(address, realm):
-    assert realm_refusal(parse_address(address), realm) is None
+    assert realm_refusal(parse_address(address), parse_realm(realm)) is None
 
 
 @pytest.mark.parametrize(
@@ -54,14 +55,18 @@ def test_realm_allowed(address, realm):
     ],
 )
 def test_realm_refused(address, realm):
-    reason = realm_refusal(parse_address(address), realm)
+    """Refused either by the strict parse (userinfo, odd IP spellings, other schemes) or by the host rules."""
+    try:
+        reason = realm_refusal(parse_address(address), parse_realm(realm))
+    except RealmError as e:
+        reason = str(e)
     assert reason
     assert isinstance(reason, str)
 
 
 def test_realm_refusal_says_why():
-    assert "http" in realm_refusal(parse_address("https://h.example.com"), "http://h.example.com/token")
-    assert "evil.com" in realm_refusal(parse_address("https://h.example.com"), "https://evil.com/token")
+    assert "http" in realm_refusal(parse_address("https://h.example.com"), parse_realm("http://h.example.com/token"))
+    assert "evil.com" in realm_refusal(parse_address("https://h.example.com"), parse_realm("https://evil.com/token"))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +79,7 @@ def test_realm_refusal_says_why():
     ],
 )
 def test_realm_outside_registrable_domain_under_multi_label_public_suffix_refused(address, realm):
-    assert realm_refusal(parse_address(address), realm)
+    assert realm_refusal(parse_address(address), parse_realm(realm))
 
 
 # ---------------------------------------------------------------- cache_lifetime
