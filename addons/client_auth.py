@@ -18,6 +18,7 @@ import binascii
 import dataclasses
 import logging
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons import oci
 from addons.gate import Gate, Verdict, describe_exception, fail_closed
+from addons.proxy_token import DEFAULT_LIFETIME, SHARED_SERVICE, ProxyTokens, parse_scope, read_key
 from addons.routing import Route
 from addons.store import ConnectorStore
 from connector_store.identity import Identity, IdentityBackend, StaticTokens
@@ -92,8 +94,38 @@ class Admission:
     connectors: tuple[Connector, ...]
 
 
-def unauthorized(request: http.Request, message: str) -> http.Response:
-    return oci.refusal(request, 401, "UNAUTHORIZED", message, headers={"WWW-Authenticate": CHALLENGE})
+TOKEN_PATH = "/.connectors/token"  # the proxy's own token endpoint (addons/token_endpoint.py)
+
+
+def unauthorized(request: http.Request, message: str, challenge: str = CHALLENGE) -> http.Response:
+    return oci.refusal(request, 401, "UNAUTHORIZED", message, headers={"WWW-Authenticate": challenge})
+
+
+def bearer_challenge(origin: str, service: str, scopes: Sequence[str] = (), error: str | None = None) -> str:
+    """`Bearer realm="<origin>/.connectors/token",service="...",scope="..."`, like a registry's."""
+    parts = [f'realm="{origin}{TOKEN_PATH}"', f'service="{service}"']
+    if scopes:
+        parts.append(f'scope="{" ".join(scopes)}"')
+    if error:
+        parts.append(f'error="{error}"')
+    return "Bearer " + ",".join(parts)
+
+
+def client_path(route: Route) -> str:
+    """The API path as the client sent it (path form: with its prefix), from the route parsed once."""
+    if route.prefix and route.path.startswith("/v2/"):
+        return f"/v2/{route.prefix}/{route.path[len('/v2/'):]}"
+    return route.path
+
+
+def client_scopes(method: str, client_path: str, query: str) -> tuple[str, ...]:
+    """The scopes a request needs, with repositories named as the client names them (path form
+    keeps its `namespaces/<ns>/connectors/<name>/` prefix): what the challenge asks the client to get."""
+    try:
+        api = oci.parse_api_path(client_path)
+    except oci.ProtocolError:
+        return ()
+    return tuple(s for s in oci.required_scopes(method, api, "") if s.startswith(("repository:", "registry:")))
 
 
 class ClientAuth:
@@ -107,6 +139,7 @@ class ClientAuth:
         self.store = store
         self.gate = gate
         self.backend: IdentityBackend | None = None
+        self.tokens = ProxyTokens(os.urandom(32))  # replaced by token_key_file's key when set
 
     def load(self, loader):
         loader.add_option(
@@ -120,8 +153,25 @@ class ClientAuth:
         )
         loader.add_option("token_audiences", str, "", "Comma-separated TokenReview audiences (default: the API server's).")
         loader.add_option("proxy_permissions", bool, False, "Also require the connectors/proxy subresource.")
+        loader.add_option(
+            "client_challenge", str, "bearer",
+            "How unauthenticated registry requests are challenged: 'bearer' (a realm on the proxy's own "
+            "token endpoint, like a registry) or 'basic'.", choices=("bearer", "basic"),
+        )
+        loader.add_option(
+            "token_key_file", str, "",
+            "File holding the key (>= 32 bytes) that signs proxy tokens; every replica must read the same "
+            "one (a Secret). Default: a random key per process (its tokens work on that replica only).",
+        )
+        loader.add_option("token_lifetime", int, DEFAULT_LIFETIME, "Seconds a proxy token is valid.")
 
     def configure(self, updated):
+        if updated & {"token_key_file", "token_lifetime"}:
+            try:
+                key = read_key(ctx.options.token_key_file) if ctx.options.token_key_file else self.tokens.key
+                self.tokens = ProxyTokens(key, ctx.options.token_lifetime)
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"token_key_file: {e}") from e
         if "client_tokens" in updated and ctx.options.client_tokens:
             try:
                 self.backend = StaticTokens(ctx.options.client_tokens)
@@ -200,10 +250,13 @@ class ClientAuth:
             self.grant(flow, route, connector, route.subject)
             return
         token = parse_client_credential(flow.request.headers.get("authorization"))
+        if token is not None and ProxyTokens.looks_like_ours(token):
+            self._admit_proxy_token(flow, route, token)
+            return
         refs = [(route.namespace, route.name)] if route.name else []
         result = await self.admit(token, refs)
         if isinstance(result, Refusal):
-            flow.response = self.refuse(flow.request, result)
+            flow.response = self.refuse(flow.request, result, route)
             return
         if route.form == "ping" or route.path in ("/v2", "/v2/"):
             # The ping: answered here (the upstream is authenticated per request).
@@ -211,8 +264,47 @@ class ClientAuth:
             return
         self.grant(flow, route, result.connectors[0], result.identity.subject)
 
-    @staticmethod
-    def refuse(request: http.Request, refusal: Refusal) -> http.Response:
+    def _admit_proxy_token(self, flow: http.HTTPFlow, route: Route, token: str) -> None:
+        """A token our endpoint issued: its signature stands for authentication and authorization
+        (decided when it was issued); its scopes must cover the request, as a registry checks."""
+        claims = self.tokens.verify(token)
+        if claims is None:
+            flow.response = self.refuse(flow.request, Refusal(401, "UNAUTHORIZED", "invalid or expired token"), route)
+            return
+        if route.form == "ping" or route.path in ("/v2", "/v2/"):
+            if route.name and claims.connector != route.connector:
+                flow.response = self.refuse(flow.request, Refusal(401, "UNAUTHORIZED", f"the token is not for connector {route.connector}"), route)
+                return
+            flow.response = oci.frame(flow.request, oci.ping_response())
+            return
+        needed = client_scopes(flow.request.method, client_path(route), "")
+        granted = claims.connector == route.connector and all(
+            (a := parse_scope(s)) is not None and claims.allows(a.name if a.type == "repository" else None, a.actions)
+            for s in needed
+        )
+        if not granted:
+            flow.response = self.refuse(flow.request, Refusal(401, "UNAUTHORIZED", f"the token does not grant {' '.join(needed) or 'this request'}"),
+                                        route, error="insufficient_scope")
+            return
+        if not self.store.synced:
+            flow.response = oci.refusal(flow.request, 503, "UNAVAILABLE", "connectors not loaded yet; retry shortly")
+            return
+        connector = self.store.get(route.namespace, route.name)
+        if connector is None:
+            flow.response = oci.refusal(flow.request, 404, "NAME_UNKNOWN", f"connector {route.connector} not found")
+        elif not connector.usable:
+            flow.response = oci.refusal(flow.request, 503, "UNAVAILABLE", f"connector {route.connector} is not usable: {connector.problem}")
+        else:
+            self.grant(flow, route, connector, claims.subject)
+
+    def challenge(self, request: http.Request, route: Route | None, error: str | None = None) -> str:
+        """What a 401 asks for: the proxy's token realm (default) or Basic."""
+        if ctx.options.client_challenge == "basic" or route is None or not route.origin:
+            return CHALLENGE
+        scopes = client_scopes(request.method, client_path(route), "") if route.name else ()
+        return bearer_challenge(route.origin, route.connector or SHARED_SERVICE, scopes, error)
+
+    def refuse(self, request: http.Request, refusal: Refusal, route: Route | None = None, error: str | None = None) -> http.Response:
         if refusal.status == 401:
-            return unauthorized(request, refusal.message)
+            return unauthorized(request, refusal.message, self.challenge(request, route, error))
         return oci.refusal(request, refusal.status, refusal.code, refusal.message)

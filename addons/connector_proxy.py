@@ -28,6 +28,7 @@ from addons.routing import Routing  # noqa: E402
 from addons.scrub import Scrub  # noqa: E402
 from addons.status import ConnectorStatus  # noqa: E402
 from addons.store import ConnectorStore  # noqa: E402
+from addons.token_endpoint import TokenEndpoint  # noqa: E402
 from addons.upstream_auth import UpstreamCredentials  # noqa: E402
 from addons.upstream_trust import UpstreamTrust  # noqa: E402
 
@@ -37,8 +38,8 @@ def make_addons() -> list:
     gate = Gate()
     scrub = Scrub(gate)
     recorder = OutOfBandRecorder()
-    upstream = UpstreamCredentials(store, scrub.late, recorder)
     client_auth = ClientAuth(store, gate)
+    upstream = UpstreamCredentials(store, scrub.late, recorder, client_auth)
     return [
         PlainHttpListener(),
         HeaderTimeout(),
@@ -46,6 +47,7 @@ def make_addons() -> list:
         ConnectorStatus(store),
         Health(store, upstream, gate),
         ClientConfig(store, client_auth, scrub.late),
+        TokenEndpoint(client_auth, scrub.late),
         ForwardProxy(store, client_auth),
         Routing(),
         client_auth,

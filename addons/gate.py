@@ -170,6 +170,10 @@ class Gate:
         elif destination(flow.request) != verdict.destination:
             reason = "the request no longer points where it was authorized to go"
         if reason is None:
+            # Scrub removes the client's own credential; should that have been skipped (an addon
+            # before it raised), it still never goes upstream. The injected one is set after this.
+            for name in ("authorization", "proxy-authorization"):
+                flow.request.headers.pop(name, None)
             return
         self.refused += 1
         forward = is_forward(flow)
@@ -179,10 +183,12 @@ class Gate:
                                     forward=forward)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._check(flow, "requestheaders")  # a streamed body leaves right after this event
+        if flow.request.stream:  # a streamed request leaves right after this event; others after `request`
+            self._check(flow, "requestheaders")
 
     def request(self, flow: http.HTTPFlow) -> None:
-        self._check(flow, "request")
+        if not flow.request.stream:  # a streamed one was checked (and has gone) at requestheaders
+            self._check(flow, "request")
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:

@@ -24,6 +24,7 @@ from addons.gate import fail_closed
 from connector_store.model import Address
 
 METADATA_KEY = "connector_proxy"
+OWN_ENDPOINTS = "/.connectors/"  # /.connectors/config, /.connectors/token: not registry paths
 
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 HOST_FORM_RE = re.compile(
@@ -164,6 +165,8 @@ class Routing:
         if flow.response or not is_reverse(flow):
             return
         path = flow.request.path.partition("?")[0]
+        if path.startswith(OWN_ENDPOINTS):
+            return  # the proxy's own endpoints (config, token) answer for themselves
         try:
             route = route_request(path, flow.request.host_header, client_origin(flow))
         except oci.ProtocolError as e:

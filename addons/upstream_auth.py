@@ -36,7 +36,7 @@ import urllib3
 from mitmproxy import ctx, http
 
 from addons import oci
-from addons.client_auth import CHALLENGE
+from addons.client_auth import CHALLENGE, ClientAuth
 from addons.record import Exchange, OutOfBandRecorder, make_exchange
 from addons.gate import fail_closed
 from addons.rewrite import SMALL_BODY, rewrite_response_headers
@@ -224,17 +224,15 @@ class RegistryClient:
         self._pools: dict[str, urllib3.PoolManager] = {}
 
     def _pool(self, connector: Connector) -> urllib3.PoolManager:
-        key = hashlib.sha256((connector.ca_pem or "").encode()).hexdigest()
+        # The trust decision of mitmproxy's own upstream connections (upstream_trust): OpenSSL, the
+        # base (ssl_verify_upstream_trusted_ca, else certifi) plus this connector's CA, curl's flags.
+        from addons.upstream_trust import current_trusted_confdir, registry_ssl_context
+
+        capath = current_trusted_confdir()
+        key = hashlib.sha256((connector.ca_pem or "").encode()).hexdigest() + "\0" + (capath or "")
         pool = self._pools.get(key)
         if pool is None:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            if not self.ca_file:
-                context.load_default_certs()
-            if connector.ca_pem:
-                context.load_verify_locations(cadata=connector.ca_pem)
-            if self.insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            context = registry_ssl_context(connector.ca_pem, self.ca_file, self.insecure, base_capath=capath)
             pool = self._pools[key] = urllib3.PoolManager(ssl_context=context, retries=False, timeout=self.timeout)
         return pool
 
@@ -318,8 +316,10 @@ def _reason(e: Exception) -> str:
 
 
 class UpstreamCredentials:
-    def __init__(self, store: ConnectorStore, secrets: LateSecrets, recorder: OutOfBandRecorder | None = None):
+    def __init__(self, store: ConnectorStore, secrets: LateSecrets, recorder: OutOfBandRecorder | None = None,
+                 client_auth: ClientAuth | None = None):
         self.store = store
+        self.client_auth = client_auth  # for the proxy's own challenge when the client must retry
         self.secrets = secrets
         self.recorder = recorder
         self.tokens = SingleFlightCache()
@@ -515,8 +515,9 @@ class UpstreamCredentials:
         if fresh:
             return oci.refusal(request, 502, "UNAUTHORIZED", f"connector {name}: the registry rejected a fresh token")
         # A streamed request can't be replayed: let the client authenticate and send it again.
+        challenge = self.client_auth.challenge(request, route) if self.client_auth else CHALLENGE
         return oci.refusal(request, 401, "UNAUTHORIZED", f"connector {name}: upstream token expired, retry",
-                           headers={"WWW-Authenticate": CHALLENGE})
+                           headers={"WWW-Authenticate": challenge})
 
 
 MAX_CHALLENGE_BODY = 64 * 1024

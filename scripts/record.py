@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         (work / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
             {"token": client_token, "subject": "recorder", "connectors": [f"{namespace}/{name}"]},
         ]}))
-        proxy = ProxyProcess(work, work / "connectors", work / "tokens.yaml").start()
+        # Recorded with the Basic challenge: a replay cannot authenticate at the proxy's token
+        # endpoint (the client's credentials are scrubbed from the recording), Basic needs none.
+        proxy = ProxyProcess(work, work / "connectors", work / "tokens.yaml",
+                             extra=("--set", "client_challenge=basic")).start()
         started.append(proxy)
         auth = {"auths": {proxy.host: {"auth": base64.b64encode(f"recorder:{client_token}".encode()).decode()}}}
         known_basic.append(("recorder", client_token))

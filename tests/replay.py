@@ -597,7 +597,10 @@ class ReplayWorld:
         self.tokens_file.write_text(yaml.safe_dump({"tokens": [
             {"token": self.client_token, "subject": "replay:client", "connectors": ["*"]},
         ]}))
-        self.proxy = ProxyProcess(workdir, self.connectors_dir, self.tokens_file, extra=extra)
+        # The recordings were made with the Basic challenge (clients there send Basic credentials
+        # right away); the Bearer token flow is covered by the live client tests.
+        self.proxy = ProxyProcess(workdir, self.connectors_dir, self.tokens_file,
+                                  extra=("--set", "client_challenge=basic", *extra))
         self.replays: list[Replay] = []
         self.secrets: list[str] = [self.client_token]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import reverse_tflow
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons
 
 from addons.gate import Gate
@@ -238,11 +238,38 @@ def assert_no_token_in(f):
         assert base64.b64encode(f"x:{tok}".encode()).decode() not in text
 
 
-def test_no_authorization_is_401_with_basic_challenge(env):
+def test_no_authorization_is_401_with_a_registry_like_bearer_challenge(env):
+    """Like a registry: a realm on the proxy's own token endpoint, the connector as service, the scope."""
     f = run(env, HARBOR_MANIFEST)
     assert f.response.status_code == 401
-    assert f.response.headers["WWW-Authenticate"].lower().startswith("basic")
+    assert f.response.headers["WWW-Authenticate"] == (
+        'Bearer realm="http://proxy.example:8080/.connectors/token",service="default/harbor",'
+        'scope="repository:namespaces/default/connectors/harbor/testing/busybox:pull"'
+    )
     assert error_of(f)["code"] == "UNAUTHORIZED"
+
+
+def test_basic_challenge_mode(env):
+    ctx.options.client_challenge = "basic"
+    f = run(env, HARBOR_MANIFEST)
+    assert f.response.headers["WWW-Authenticate"] == 'Basic realm="oci-connector-proxy"'
+
+
+def test_proxy_tokens_are_checked_for_connector_and_scope(env):
+    from addons.proxy_token import Access
+    tokens = env.tokens
+    pull, _ = tokens.issue("alice", "default/harbor", "default/harbor",
+                           [Access("repository", "namespaces/default/connectors/harbor/testing/busybox", ("pull",))])
+    f = run(env, HARBOR_MANIFEST, f"Bearer {pull}")
+    assert f.response is None  # granted: on to the upstream
+    f = run(env, HARBOR_MANIFEST.replace("busybox", "other"), f"Bearer {pull}")
+    assert f.response.status_code == 401 and 'error="insufficient_scope"' in f.response.headers["WWW-Authenticate"]
+    other, _ = tokens.issue("alice", "team/other", "team/other", [])
+    f = run(env, HARBOR_MANIFEST, f"Bearer {other}")
+    assert f.response.status_code == 401
+    forged = pull[:-4] + ("AAAA" if not pull.endswith("AAAA") else "BBBB")
+    f = run(env, HARBOR_MANIFEST, f"Bearer {forged}")
+    assert f.response.status_code == 401 and "invalid or expired" in f.response.content.decode()
 
 
 def test_shared_host_ping_without_credentials_is_challenged(env):
@@ -260,7 +287,7 @@ def test_wrong_token_is_401(env):
     f = run(env, HARBOR_MANIFEST, basic("x", "tok-wrong-123"))
     assert f.response.status_code == 401
     assert error_of(f)["code"] == "UNAUTHORIZED"
-    assert f.response.headers["WWW-Authenticate"].lower().startswith("basic")
+    assert f.response.headers["WWW-Authenticate"].startswith("Bearer realm=")
     assert "tok-wrong-123" not in f.response.content.decode()
 
 

@@ -21,7 +21,8 @@ def error_of(r) -> dict:
 def test_no_token_gets_401_with_challenge(proxy):
     r = proxy.request("GET", MANIFEST.format(ns="default", name="harbor"))
     assert r.status == 401
-    assert r.headers["WWW-Authenticate"].startswith("Basic realm=")
+    assert r.headers["WWW-Authenticate"].startswith("Bearer realm=\"http://")
+    assert "/.connectors/token" in r.headers["WWW-Authenticate"]
     assert error_of(r)["code"] == "UNAUTHORIZED"
 
 

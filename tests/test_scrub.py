@@ -132,3 +132,51 @@ def test_redacted_never_contains_the_secret():
             out = redacted(value)
             assert secret not in out
             assert REDACTED in out
+
+
+# ---------------------------------------------------------------- by value: what a registry echoes
+
+
+def echoed_flow(scrub: Scrub, injected: str, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
+    f = tflow.tflow(resp=True)
+    scrub.late.request_header(f, "Authorization", injected)
+    f.response.status_code = status
+    f.response.headers = __import__("mitmproxy").http.Headers(headers)
+    f.response.content = body
+    return f
+
+
+@pytest.mark.parametrize("injected", [f"Bearer {UPSTREAM_TOKEN}", BASIC])
+def test_an_echoed_credential_is_redacted_from_headers_and_a_whole_body(injected):
+    scrub = Scrub()
+    secret = injected.split(" ", 1)[1]
+    body = b'{"errors":[{"code":"DENIED","detail":"' + secret.encode() + b'"}]}'
+    f = echoed_flow(scrub, injected, 403, [(b"X-Echo", injected.encode()), (b"Content-Type", b"application/json")], body)
+    scrub.responseheaders(f)
+    scrub.response(f)
+    assert secret not in dump(f)
+    assert len(f.response.content) == len(body)  # same length: Content-Length and framing hold
+    if injected.startswith("Basic"):
+        assert "registry-password" not in dump(f)  # the decoded form too
+
+
+def test_an_echoed_credential_is_redacted_from_a_streamed_body_across_chunk_edges():
+    scrub = Scrub()
+    f = echoed_flow(scrub, f"Bearer {UPSTREAM_TOKEN}", 200, [], b"")
+    f.response.stream = True
+    scrub.responseheaders(f)
+    data = (b"x" * 7 + UPSTREAM_TOKEN.encode()) * 50
+    out = []
+    for i in range(0, len(data), 5):
+        out += f.response.stream(data[i:i + 5])
+    out += f.response.stream(b"")
+    sent = b"".join(out)
+    assert len(sent) == len(data) and UPSTREAM_TOKEN.encode() not in sent
+    assert all(chunk for chunk in out)  # never an empty chunk (it would end a chunked body)
+
+
+def test_short_secrets_are_not_redacted_from_bodies():
+    """A password like the seed's "admin" would corrupt ordinary documents: only long values count."""
+    from addons.scrub import secret_parts
+    assert secret_parts("Basic " + base64.b64encode(b"admin:admin").decode()) == [
+        base64.b64encode(b"admin:admin").decode(), "admin:admin"]

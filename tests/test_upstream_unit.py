@@ -8,7 +8,14 @@ import base64
 import pytest
 
 from addons.oci import RealmError, parse_realm
-from addons.upstream_auth import SingleFlightCache, basic_header, cache_lifetime, realm_refusal
+from addons.upstream_auth import (
+    SingleFlightCache,
+    TokenResponseError,
+    basic_header,
+    cache_lifetime,
+    parse_token_response,
+    realm_refusal,
+)
 from connector_store.model import parse_address
 
 # ---------------------------------------------------------------- realm_refusal
@@ -358,3 +365,81 @@ def test_drop():
         assert calls == {"a": 3, "b": 1}
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- one parse for the realm
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "http://OTHER\\@REGISTRY/token",  # urlsplit sees REGISTRY, urllib3 connects to OTHER
+        "http://user@registry.example.com/token",
+        "http://registry.example.com /token",
+        "http://registry.example.com/to ken",
+        "http://registry.example.com/token\n",
+        "http://registry.example.com\t/token",
+        "http://[::1",
+        "http://registry.example.com/token#frag",
+        "http://registry.example.com/%zz",
+        "http://régistry.example.com/token",
+        "http://0x7f.1/token",
+        "http://127.1/token",
+        "http://registry.example.com:0/token",
+        "http://registry.example.com:65536/token",
+        "file:///etc/passwd",
+        "//registry.example.com/token",
+    ],
+)
+def test_realms_two_parsers_could_read_differently_are_refused(realm):
+    with pytest.raises(RealmError):
+        parse_realm(realm)
+
+
+def test_a_parsed_realm_is_rebuilt_from_its_parts():
+    r = parse_realm("HTTPS://Auth.Example.COM:8443/service/token?account=x")
+    assert (r.scheme, r.host, r.port, r.target) == ("https", "auth.example.com", 8443, "/service/token?account=x")
+    assert r.url == "https://auth.example.com:8443/service/token?account=x"
+    assert r.with_query("scope=a") == "/service/token?account=x&scope=a"
+    assert parse_realm("http://[::1]:5000/t").netloc == "[::1]:5000"
+
+
+# ---------------------------------------------------------------- token responses
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b'{"token": "abc", "expires_in": 300}', ("abc", 300.0)),
+        (b'{"access_token": "abc"}', ("abc", 60.0)),
+        (b'{"token": "abc", "expires_in": ' + b"9" * 400 + b"}", ("abc", 86400.0)),  # OverflowError before
+        (b'{"token": "abc", "expires_in": -5}', ("abc", 60.0)),
+        (b'{"token": "abc", "expires_in": "300"}', ("abc", 60.0)),
+        (b'{"token": "abc", "expires_in": true}', ("abc", 60.0)),
+        (b'{"token": "abc", "expires_in": 1e999}', ("abc", 60.0)),
+    ],
+)
+def test_token_response_lifetimes_are_sane(body, expected):
+    assert parse_token_response(body) == expected
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b"null", b'{"token": 5}', b'{"token": ""}', b'{"token": "a b"}',
+                                  b"\xff", b"[" * 100000])
+def test_token_responses_without_a_usable_token_raise_only_token_response_error(body):
+    with pytest.raises(TokenResponseError):
+        parse_token_response(body)
+
+
+def test_the_token_cache_is_bounded():
+    cache = SingleFlightCache(max_entries=3)
+
+    async def fill():
+        for i in range(10):
+            async def compute(i=i):
+                return i, 60.0
+            await cache.get(("k", i), compute)
+
+    import asyncio
+    asyncio.run(fill())
+    assert len(cache) == 3
+    assert cache.peek(("k", 9)) == 9 and cache.peek(("k", 0)) is None
