@@ -21,7 +21,7 @@ from addons.client_config import ClientConfig  # noqa: E402
 from addons.forward import ForwardProxy  # noqa: E402
 from addons.gate import Gate  # noqa: E402
 from addons.health import Health  # noqa: E402
-from addons.listener import HeaderTimeout, PlainHttpListener  # noqa: E402
+from addons.listener import HeaderTimeout, HttpFraming, PlainHttpListener  # noqa: E402
 from addons.record import OutOfBandRecorder  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
 from addons.routing import Routing  # noqa: E402
@@ -56,6 +56,7 @@ def make_addons() -> list:
         Rewrite(),
         scrub,
         recorder,
+        HttpFraming(),
     ]
 
 

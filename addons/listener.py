@@ -3,10 +3,12 @@
 mitmproxy's reverse mode answers a TLS ClientHello with a certificate of its own. Registry clients
 told that a registry is insecure (skopeo `--tls-verify=false`, podman, docker's insecure registries)
 try HTTPS first and keep it when it works, so they would talk TLS to a certificate nobody trusts,
-and pay for the encryption on every layer. Here the handshake is refused (the connection is closed
-without a TLS answer), and clients fall back to plain HTTP at once, as they do against a
-plain-HTTP registry. TLS for clients belongs to the Ingress or the Service mesh in front;
-`reverse_tls` turns mitmproxy's own back on.
+and pay for the encryption on every layer. Here a ClientHello is answered the way a plain-HTTP
+registry answers it, with a plaintext `HTTP/1.1 400`, and clients fall back to plain HTTP at once.
+Nothing is dialled (the reverse placeholder upstream is never contacted). TLS for clients belongs
+to the Ingress or the Service mesh in front; `reverse_tls` turns mitmproxy's own back on.
+
+`HeaderTimeout` closes connections that never finish a request head.
 """
 
 from __future__ import annotations
@@ -15,12 +17,43 @@ import asyncio
 import logging
 import weakref
 
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from addons import oci
 from addons.gate import fail_closed
 
 logger = logging.getLogger(__name__)
+
+
+TLS_HANDSHAKE = b"\x16\x03"  # a TLS record header: handshake, protocol major version 3
+_PLAINTEXT_BODY = b"400 Bad Request: this registry proxy speaks plain HTTP (use http://)\n"
+PLAINTEXT_400 = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(_PLAINTEXT_BODY)
+) + _PLAINTEXT_BODY
+
+
+class AnswerTlsInPlaintext(layer.Layer):
+    """Answers a TLS ClientHello with a plaintext `HTTP/1.1 400`, as a plain-HTTP Go registry does.
+
+    Go's TLS client reports "server gave HTTP response to HTTPS client" when the first bytes it
+    reads are `HTTP/`: the one error on which docker, containerd and friends retry over http for an
+    insecure registry. Closing instead makes them fail with EOF. Nothing is dialled.
+    """
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.answered = False
+
+    def _handle_event(self, event: events.Event):
+        if not self.answered and isinstance(event, (events.Start, events.DataReceived)):
+            self.answered = True
+            yield commands.SendData(self.context.client, PLAINTEXT_400)
+            yield commands.CloseConnection(self.context.client)
 
 
 class PlainHttpListener:
@@ -28,11 +61,14 @@ class PlainHttpListener:
         loader.add_option("reverse_tls", bool, False, "Accept TLS from clients on the reverse listener.")
 
     @fail_closed
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if not ctx.options.reverse_tls and isinstance(data.context.client.proxy_mode, ReverseMode):
-            # No TLS layer: the bytes would go to the reverse placeholder upstream, which is never
-            # reachable, so the client connection is closed before any certificate is sent.
-            data.ignore_connection = True
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        context = nextlayer.context
+        if ctx.options.reverse_tls or not isinstance(context.client.proxy_mode, ReverseMode):
+            return
+        if len(context.layers) > 1:
+            return  # only the first decision on a connection: what the client opened with
+        if nextlayer.data_client().startswith(TLS_HANDSHAKE):
+            nextlayer.layer = AnswerTlsInPlaintext(context)
 
 
 class HeaderTimeout:
@@ -88,3 +124,51 @@ class HeaderTimeout:
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn.connected:
             self._arm(flow.client_conn, ctx.options.keepalive_timeout)
+
+
+class HttpFraming:
+    """Every response leaves framed as HTTP requires, whoever made it (last of our addons).
+
+    - HEAD, 204 and 304 answers carry no body (`oci.frame`); a body there would be read as the
+      next response on a kept-alive connection (containerd's resolver failed 7 times in 10).
+    - `Connection` tokens are case-insensitive, but mitmproxy compares them as written, so an
+      HTTP/1.0 client's `Connection: Keep-Alive` (ApacheBench) made it close a connection it had
+      just promised to keep. They are lower-cased on the way in and out, and an HTTP/1.0 client
+      that asked to keep the connection is told it is kept.
+    """
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        _lower_connection_tokens(flow.request.headers)
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._frame(flow)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.response or flow.response.stream:
+            return  # streamed: framed at responseheaders, already sent
+        oci.frame(flow.request, flow.response)
+        self._frame(flow)
+
+    @staticmethod
+    def _frame(flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None:
+            return
+        _lower_connection_tokens(response.headers)
+        request = flow.request
+        if request.http_version == "HTTP/1.0" and "keep-alive" in _tokens(request.headers) \
+                and "close" not in _tokens(response.headers):
+            response.headers["Connection"] = "keep-alive"
+
+
+def _tokens(headers) -> list[str]:
+    return [t.strip().lower() for v in headers.get_all("connection") for t in v.split(",") if t.strip()]
+
+
+def _lower_connection_tokens(headers) -> None:
+    values = headers.get_all("connection")
+    if values and any(v != v.lower() for v in values):
+        headers.set_all("Connection", [v.lower() for v in values])

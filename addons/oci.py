@@ -315,8 +315,10 @@ def refusal(
 
 def frame(request: http.Request, response: http.Response) -> http.Response:
     """Drop the body where HTTP forbids one (HEAD keeps the Content-Length of what GET would get)."""
+    if not response.raw_content:
+        return response  # nothing to drop: an upstream HEAD answer keeps its Content-Length as it is
     if request.method.upper() == "HEAD" or response.status_code in NO_BODY_STATUSES or response.status_code < 200:
-        length = len(response.raw_content or b"")
+        length = len(response.raw_content)
         response.content = b""
         if request.method.upper() == "HEAD" and response.status_code not in NO_BODY_STATUSES:
             response.headers["Content-Length"] = str(length)

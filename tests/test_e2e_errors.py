@@ -127,17 +127,32 @@ def test_health_endpoints_need_no_credentials_and_reveal_none(world, proxy):
         assert s not in text
 
 
-def test_reverse_listener_refuses_tls_so_clients_fall_back_to_http(world, proxy):
-    import socket
+def client_hello() -> bytes:
+    """The first flight of a real TLS client, as bytes (what docker or containerd send first)."""
     import ssl
 
     context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="registry.example")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_reverse_listener_answers_tls_with_plaintext_400_so_clients_fall_back_to_http(world, proxy):
+    """A plain-HTTP Go registry answers a ClientHello with `HTTP/1.1 400`; Go clients then report
+    "server gave HTTP response to HTTPS client" and retry over http (an EOF would abort them)."""
+    import socket
+
+    before = proxy.output().count("127.0.0.1:9")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-                tls.recv(10)
+        raw.sendall(client_hello())
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head and int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+    assert proxy.output().count("127.0.0.1:9") == before  # nothing dialled, the placeholder never named
     # and plain HTTP keeps working for everyone
     assert proxy.request("GET", "/v2/", auth=basic("x", world.builder_token)).status == 200
