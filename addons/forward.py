@@ -102,6 +102,17 @@ class ForwardProxy:
             "Forward mode: refuse destinations that are no connector's address (default: tunnel them untouched).",
         )
 
+    def configure(self, updated):
+        # HTTP/2 is off where the proxy terminates TLS (the intercepted forward connections).
+        # The upstream Authorization must be on a request before its head leaves, and a streamed
+        # request's head leaves right after `requestheaders`, unless it has no body, when it waits
+        # for `request`. On HTTP/1 the headers say which (Content-Length, Transfer-Encoding); an
+        # HTTP/2 request may carry a body with neither, and mitmproxy does not tell addons whether
+        # its HEADERS frame ended the stream: an upload there lost its credentials and its body
+        # (202 Range: 0-0, then DIGEST_INVALID). Registry clients speak HTTP/1.1 just as well.
+        if "http2" in updated and ctx.options.http2:
+            ctx.options.update(http2=False)
+
     # ---- identity
 
     async def _bind(self, flow: http.HTTPFlow) -> Binding | None:

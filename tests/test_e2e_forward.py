@@ -214,3 +214,35 @@ def test_operator_ca_with_only_the_key_pem_is_used(tmp_path):
     used = ensure_ca(operator)
     assert (used / "ca.crt").read_bytes() == (generated / "ca.crt").read_bytes()
     assert (used / "mitmproxy-ca-cert.pem").read_bytes() == (generated / "ca.crt").read_bytes()
+
+
+def test_a_streamed_upload_asked_over_http2_goes_through_whole(fwd, tmp_path):
+    """curl asks for HTTP/2 through HTTPS_PROXY and streams a PATCH with no Content-Length: the proxy
+    speaks HTTP/1.1 on intercepted connections (see ForwardProxy.configure), the body and the
+    injected credentials arrive, and the blob is committed with the right digest."""
+    import hashlib
+
+    blob = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    (tmp_path / "blob").write_bytes(blob)
+    env = fwd.env()
+    base = f"https://{fwd.reg_a.host}/v2/fwd/h2"
+    curl = ["curl", "-sS", "--http2", "--cacert", str(fwd.ca_dir / "ca.crt"), "-o", "/dev/null",
+            "-w", "%{http_code} %{http_version} %header{location}"]
+    out = subprocess.run([*curl, "-X", "POST", f"{base}/blobs/uploads/"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    status, version, location = out.stdout.split(" ", 2)
+    assert status == "202", out
+    assert version == "1.1"  # HTTP/2 was asked for and declined
+    patch = subprocess.run([*curl, "-X", "PATCH", "-H", "Transfer-Encoding: chunked",
+                            "-H", "Content-Type: application/octet-stream",
+                            "--data-binary", f"@{tmp_path / 'blob'}", location], env=env,
+                           capture_output=True, text=True, timeout=60)
+    status, _, location = patch.stdout.split(" ", 2)
+    assert status == "202", patch
+    sep = "&" if "?" in location else "?"
+    put = subprocess.run([*curl, "-X", "PUT", f"{location}{sep}digest={digest}"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert put.stdout.split(" ")[0] == "201", put
+    head = subprocess.run([*curl, "-I", f"{base}/blobs/{digest}"], env=env, capture_output=True, text=True, timeout=60)
+    assert head.stdout.split(" ")[0] == "200", head
