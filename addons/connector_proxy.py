@@ -21,6 +21,7 @@ from addons.client_config import ClientConfig  # noqa: E402
 from addons.forward import ForwardProxy  # noqa: E402
 from addons.gate import Gate  # noqa: E402
 from addons.health import Health  # noqa: E402
+from addons.lifecycle import GracefulShutdown  # noqa: E402
 from addons.listener import HeaderTimeout, HttpFraming, PlainHttpListener  # noqa: E402
 from addons.record import OutOfBandRecorder  # noqa: E402
 from addons.rewrite import Rewrite  # noqa: E402
@@ -36,6 +37,7 @@ from addons.upstream_trust import UpstreamTrust  # noqa: E402
 def make_addons() -> list:
     store = ConnectorStore()
     gate = Gate()
+    lifecycle = GracefulShutdown()
     scrub = Scrub(gate)
     recorder = OutOfBandRecorder()
     client_auth = ClientAuth(store, gate)
@@ -43,6 +45,7 @@ def make_addons() -> list:
     return [
         PlainHttpListener(),
         HeaderTimeout(),
+        lifecycle,
         store,
         ConnectorStatus(store),
         Health(store, upstream, gate),
