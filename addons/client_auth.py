@@ -16,11 +16,13 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import functools
 import logging
 
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import yaml
@@ -140,6 +142,9 @@ class ClientAuth:
         self.gate = gate
         self.backend: IdentityBackend | None = None
         self.tokens = ProxyTokens(os.urandom(32))  # replaced by token_key_file's key when set
+        # TokenReviews and SubjectAccessReviews wait on the API server: threads of their own, so
+        # a slow registry's upstream calls never delay who-is-calling checks (and the reverse).
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="identity")
 
     def load(self, loader):
         loader.add_option(
@@ -190,8 +195,11 @@ class ClientAuth:
     async def ask(self, fn, *args):
         """Call a backend method, off the event loop when it may wait on the network."""
         if getattr(self.backend, "blocking", False):
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
         return fn(*args)
+
+    def done(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def admit(
         self, token: str | None, refs: Sequence[tuple[str, str]], require_usable: bool = True,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from mitmproxy import ctx, exceptions
 
+from addons.gate import describe_exception
 from connector_store.files import DirectoryStore
 from connector_store.model import Catalog, Connector
 
@@ -23,6 +25,8 @@ class ConnectorStore:
     def __init__(self) -> None:
         self.backend = None  # DirectoryStore | KubeStore
         self._poller: asyncio.Task | None = None
+        # Reloads run on a thread of their own: never queued behind upstream or identity calls.
+        self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-reload")
 
     def load(self, loader):
         loader.add_option("connectors_dir", str, "", "Directory of Connector and Secret manifests (YAML).")
@@ -68,14 +72,21 @@ class ConnectorStore:
     def done(self):
         if self._poller:
             self._poller.cancel()
+        self._reloader.shutdown(wait=False, cancel_futures=True)
         if self.backend is not None and hasattr(self.backend, "stop"):
             self.backend.stop()
 
     async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(ctx.options.connectors_poll_ms / 1000)
-            if self.backend:
-                await asyncio.to_thread(self.backend.refresh)
+            backend = self.backend
+            if backend is None:
+                continue
+            try:
+                await loop.run_in_executor(self._reloader, backend.refresh)
+            except Exception as e:  # the poll loop outlives any one bad reload
+                logger.error("reloading connectors failed: %s", describe_exception(e))
 
     @property
     def catalog(self) -> Catalog:
