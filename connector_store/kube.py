@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,7 @@ CONNECTOR_VERSION = "v1alpha1"
 CONNECTOR_PLURAL = "connectors"
 # Secrets that can never hold registry credentials and can be large: not kept in memory.
 IGNORED_SECRET_TYPES = {"kubernetes.io/service-account-token", "helm.sh/release.v1", "kubernetes.io/tls"}
+BACKOFF_START = 0.5  # seconds before the first retry; doubles up to backoff_max, with jitter
 WATCH_TIMEOUT = 300  # seconds; the server ends the watch, we resume from the last resourceVersion
 
 
@@ -53,6 +55,8 @@ class _Informer:
     list_fn: Callable[..., Any]
     synced: bool = False
     objects: dict[str, dict] = field(default_factory=dict)
+    resource_version: str | None = None  # where the watch resumes
+    progressed: bool = False  # listed or saw an event since the last failure
 
 
 class KubeStore:
@@ -113,28 +117,37 @@ class KubeStore:
     # ------------------------------------------------------------ list + watch
 
     def _run(self, informer: _Informer) -> None:
-        backoff = 0.5
-        resource_version: str | None = None
+        """List, then watch from the last resourceVersion seen, forever; nothing stops this loop.
+
+        The place (resourceVersion) is kept per event, so an event that fails to apply is not
+        replayed forever; the backoff starts again after any progress, and has jitter so
+        replicas do not reconnect in step.
+        """
+        backoff = BACKOFF_START
         where = f"{informer.kind}s in {informer.namespace or 'all namespaces'}"
         while not self._stop.is_set():
+            informer.progressed = False
             try:
-                if resource_version is None:
-                    resource_version = self._list(informer)
-                    logger.info("listed %d %s (resourceVersion %s)", len(informer.objects), where, resource_version)
-                resource_version = self._watch(informer, resource_version)
-                backoff = 0.5
+                if informer.resource_version is None:
+                    informer.resource_version = self._list(informer)
+                    logger.info("listed %d %s (resourceVersion %s)", len(informer.objects), where, informer.resource_version)
+                self._watch(informer)
+                backoff = BACKOFF_START
+                continue
             except ApiException as e:
                 if e.status == 410:
                     logger.info("watch of %s expired (410 Gone): relisting", where)
-                    resource_version = None
+                    informer.resource_version = None
                     continue
                 self._disconnected(f"API server error watching {where}: {e.status} {e.reason}")
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
                 self._disconnected(f"API server unreachable watching {where}: {type(e).__name__}: {e}")
             except Exception as e:  # never let the watch thread die: keep serving, try again
-                logger.exception("unexpected error watching %s", where)
+                logger.error("unexpected error watching %s: %s", where, type(e).__name__, exc_info=True)
                 self._disconnected(f"error watching {where}: {type(e).__name__}")
-            if self._stop.wait(backoff):
+            if informer.progressed:
+                backoff = BACKOFF_START  # it worked for a while: this is a new outage
+            if self._stop.wait(backoff * random.uniform(0.5, 1.5)):
                 return
             backoff = min(backoff * 2, self.backoff_max)
 
@@ -155,38 +168,47 @@ class KubeStore:
         with self._lock:
             informer.objects = objects
             informer.synced = True
+            informer.progressed = True
             self.connected = True
             self.last_error = None
             self._rebuild()
         return body["metadata"]["resourceVersion"]
 
-    def _watch(self, informer: _Informer, resource_version: str) -> str:
+    def _watch(self, informer: _Informer) -> None:
         w = watch.Watch()
         self._watches.append(w)
         try:
-            for event in w.stream(informer.list_fn, resource_version=resource_version,
+            for event in w.stream(informer.list_fn, resource_version=informer.resource_version,
                                   allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT,
                                   _request_timeout=(10, WATCH_TIMEOUT + 30)):
                 if self._stop.is_set():
                     break
+                informer.progressed = True
                 obj = event.get("raw_object") or {}
-                rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if rv:
-                    resource_version = rv
-                if event["type"] == "BOOKMARK":
+                if not isinstance(obj, dict):
                     continue
-                obj.setdefault("kind", informer.kind)
-                with self._lock:
-                    self.connected = True
-                    self.last_error = None
-                    if event["type"] == "DELETED" or not self._keep(obj):
-                        informer.objects.pop(_key(obj), None)
-                    else:
-                        informer.objects[_key(obj)] = obj
-                    self._rebuild()
-            return resource_version
+                rv = (obj.get("metadata") or {}).get("resourceVersion") if isinstance(obj.get("metadata"), dict) else None
+                if isinstance(rv, str) and rv:
+                    informer.resource_version = rv  # kept even if applying the event fails
+                if event.get("type") == "BOOKMARK":
+                    continue
+                try:
+                    self._apply(informer, event.get("type"), obj)
+                except Exception as e:  # one bad object must not stop the watch (nor replay forever)
+                    logger.warning("could not apply a %s event for %s: %s", event.get("type"), _key(obj), type(e).__name__)
         finally:
             self._watches.remove(w)
+
+    def _apply(self, informer: _Informer, kind: str | None, obj: dict) -> None:
+        obj.setdefault("kind", informer.kind)
+        with self._lock:
+            self.connected = True
+            self.last_error = None
+            if kind == "DELETED" or not self._keep(obj):
+                informer.objects.pop(_key(obj), None)
+            else:
+                informer.objects[_key(obj)] = obj
+            self._rebuild()
 
     @staticmethod
     def _keep(obj: dict) -> bool:
