@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor

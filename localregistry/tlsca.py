@@ -246,6 +246,58 @@ class TestCA:
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.cert_pem.decode())
 
 
+def self_signed_certificate(names: Sequence[str], directory: Path, *, stem: str | None = None,
+                            ip_addresses: Sequence[str] = (LOOPBACK,), days: int = 30,
+                            key_type: KeyType = "ec", authority_key_id: bool = False,
+                            basic_constraints: bool = False) -> tuple[Path, Path]:
+    """A bare self-signed server certificate, as old tooling and appliances make them.
+
+    By default it carries the SANs (DNS ``names`` + ``ip_addresses``) and nothing else: no
+    Authority/Subject Key Identifier, no basicConstraints, no key usage. The certificate is its
+    own trust anchor: OpenSSL (``curl --cacert CERT``, Python ``ssl``) accepts it for those
+    names, RFC 5280-strict verifiers (cryptography's, OpenSSL's X509_STRICT) refuse it.
+    ``authority_key_id``/``basic_constraints`` add those extensions (``CA:FALSE``).
+
+    Writes ``STEM-cert.pem`` and ``STEM-key.pem`` (0600) into ``directory`` (names a
+    containers/image cert dir ignores) and returns ``(cert_path, key_path)``, ready for ``tls=``.
+    """
+    names = list(names)
+    if not names and not ip_addresses:
+        raise ValueError("a server certificate needs at least one name or IP address")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _UNSAFE.sub("_", stem or (names[0] if names else ip_addresses[0]))
+    key = _new_key(key_type)
+    now = _now()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (names or list(ip_addresses))[0][:64])])
+    sans: list[x509.GeneralName] = []
+    for n in [*names, *ip_addresses]:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    )
+    if basic_constraints:
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    if authority_key_id:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                                        critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    cert_path, key_path = out / f"{stem}-cert.pem", out / f"{stem}-key.pem"
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
 def server_context(tls: tuple[Path, Path]) -> ssl.SSLContext:
     """A Python server SSL context for a ``(cert_path, key_path)`` pair, HTTP/1.1 only."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
