@@ -65,8 +65,11 @@ class PlainHttpListener:
         context = nextlayer.context
         if ctx.options.reverse_tls or not isinstance(context.client.proxy_mode, ReverseMode):
             return
-        if len(context.layers) > 1:
-            return  # only the first decision on a connection: what the client opened with
+        # Only the first decision on a connection (what the client opened with): directly below
+        # the mode's own layer, nothing yet or what mitmproxy's next_layer has just chosen (with
+        # the layers it stacked under it).
+        if len(context.layers) > 1 and context.layers[1] is not nextlayer.layer:
+            return
         if nextlayer.data_client().startswith(TLS_HANDSHAKE):
             nextlayer.layer = AnswerTlsInPlaintext(context)
 

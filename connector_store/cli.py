@@ -6,7 +6,8 @@
 
 `connector-proxy config render ...` renders client configuration instead (see render_cli.py).
 
-The proxy launcher only assembles a mitmproxy command line: everything it sets can be set by hand with
+The proxy launcher assembles a mitmproxy command line and runs mitmdump (or mitmweb) with the addon
+chain added to its master: everything it sets can be set by hand with
 `mitmdump -s addons/connector_proxy.py --set ...` (see the README).
 """
 
@@ -19,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "addons" / "connector_proxy.py"
 # Reverse mode needs an upstream; every routed request is retargeted to its connector, so this
 # placeholder is never contacted (connection_strategy=lazy connects only when a request goes out).
 PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
@@ -99,7 +99,6 @@ def ensure_ca(directory: str | Path) -> Path:
 def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
     host, port = ns.listen
     args = [
-        "-s", str(SCRIPT),
         "--mode", f"reverse:{PLACEHOLDER_UPSTREAM}@{host}:{port}" if host else f"reverse:{PLACEHOLDER_UPSTREAM}@{port}",
         "--set", "keep_host_header=true",
         "--set", "connection_strategy=lazy",
@@ -149,10 +148,56 @@ def main(argv: list[str] | None = None) -> int:
 
         return render_cli.main(argv[2:])
     ns = build_parser().parse_args(argv)
+    run_mitmproxy(mitmproxy_args(ns), web=ns.web)
+    return 0
+
+
+def run_mitmproxy(args: list[str], web: bool) -> None:
+    """mitmdump (or mitmweb) with our addon chain added to its master, not loaded as a script.
+
+    A `-s` script is watched and reloaded when its file changes, and a reload that fails leaves the
+    proxy running with none of our addons (every request relayed unchecked). Added to the master,
+    the chain is fixed for the life of the process.
+    """
+    from mitmproxy.tools import cmdline
     from mitmproxy.tools import main as mitm
 
-    run = mitm.mitmweb if ns.web else mitm.mitmdump
-    return run(mitmproxy_args(ns)) or 0
+    if web:
+        from mitmproxy.tools.web.master import WebMaster as base
+        make_parser = cmdline.mitmweb
+    else:
+        from mitmproxy.tools.dump import DumpMaster as base
+        make_parser = cmdline.mitmdump
+
+    class ConnectorProxyMaster(base):  # type: ignore[misc, valid-type]
+        def __init__(self, options, *a, **kw):
+            super().__init__(options, *a, **kw)
+            from addons.chain import make_addons
+
+            ours = make_addons()
+            self.addons.add(*ours)
+            # Where a -s script would sit (right after the script loader): before mitmproxy's
+            # next_layer, and before the addons that record or show flows (save, dumper, the web
+            # view), which must only ever see what the scrub addon left.
+            chain = self.addons.chain
+            for addon in ours:
+                chain.remove(addon)
+            at = chain.index(self.addons.get("scriptloader")) + 1
+            chain[at:at] = ours
+            # What the script loader does for a script's addons: one configure with every option
+            # (defaults included); the command line's options follow as updates.
+            from mitmproxy import hooks
+
+            for addon in ours:
+                self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(self.options.keys())))
+
+    def extra(parsed):  # mitmdump's own: a filter expression applies to saving and dumping
+        if getattr(parsed, "filter_args", None):
+            v = " ".join(parsed.filter_args)
+            return dict(save_stream_filter=v, readfile_filter=v, dumper_filter=v)
+        return {}
+
+    mitm.run(ConnectorProxyMaster, make_parser, args, extra if not web else None)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,10 @@ def test_reverse_listener_answers_tls_with_plaintext_400_so_clients_fall_back_to
     assert proxy.output().count("127.0.0.1:9") == before  # nothing dialled, the placeholder never named
     # and plain HTTP keeps working for everyone
     assert proxy.request("GET", "/v2/", auth=basic("x", world.builder_token)).status == 200
+
+
+def test_the_launcher_loads_no_script_that_a_reload_could_drop(world, proxy):
+    """mitmproxy reloads a -s script when its file changes, and one that fails to load leaves the
+    proxy running with none of our addons: `connector-proxy` adds the chain to the master instead."""
+    assert "Loading script" not in proxy.output()
+    assert proxy.request("GET", MANIFEST.format(ns="default", name="harbor")).status == 401  # the chain is there

@@ -1,0 +1,58 @@
+"""The OCI Connector Proxy's addon chain, in request order.
+
+listener, lifecycle -> connector store (+ status writer) -> health, client config, token endpoint
+-> forward / reverse routing -> client auth -> upstream auth (+ trust) -> streaming and rewrites
+-> scrub -> recorder -> framing; plus the Gate and LateSecrets, which Scrub appends to the very end
+of mitmproxy's chain.
+
+`connector-proxy` adds these to mitmproxy's master directly; `addons/connector_proxy.py` is the same
+chain as a script for plain `mitmdump -s` / `mitmweb -s`.
+"""
+
+from __future__ import annotations
+
+from addons.client_auth import ClientAuth
+from addons.client_config import ClientConfig
+from addons.forward import ForwardProxy
+from addons.gate import Gate
+from addons.health import Health
+from addons.lifecycle import GracefulShutdown
+from addons.listener import HeaderTimeout, HttpFraming, PlainHttpListener
+from addons.record import OutOfBandRecorder
+from addons.rewrite import Rewrite
+from addons.routing import Routing
+from addons.scrub import Scrub
+from addons.status import ConnectorStatus
+from addons.store import ConnectorStore
+from addons.token_endpoint import TokenEndpoint
+from addons.upstream_auth import UpstreamCredentials
+from addons.upstream_trust import UpstreamTrust
+
+
+def make_addons() -> list:
+    store = ConnectorStore()
+    gate = Gate()
+    lifecycle = GracefulShutdown()
+    scrub = Scrub(gate)
+    recorder = OutOfBandRecorder()
+    client_auth = ClientAuth(store, gate)
+    upstream = UpstreamCredentials(store, scrub.late, recorder, client_auth)
+    return [
+        PlainHttpListener(),
+        HeaderTimeout(),
+        lifecycle,
+        store,
+        ConnectorStatus(store),
+        Health(store, upstream, gate),
+        ClientConfig(store, client_auth, scrub.late),
+        TokenEndpoint(client_auth, scrub.late),
+        ForwardProxy(store, client_auth),
+        Routing(),
+        client_auth,
+        upstream,
+        UpstreamTrust(store),
+        Rewrite(),
+        scrub,
+        recorder,
+        HttpFraming(),
+    ]
