@@ -37,22 +37,31 @@ PLAINTEXT_400 = (
 ) + _PLAINTEXT_BODY
 
 
-class AnswerTlsInPlaintext(layer.Layer):
-    """Answers a TLS ClientHello with a plaintext `HTTP/1.1 400`, as a plain-HTTP Go registry does.
+# A TLS ClientHello is answered the way a plain-HTTP Go registry answers it: Go's TLS client reports
+# "server gave HTTP response to HTTPS client" when the first bytes it reads are `HTTP/`, the one
+# error on which docker, containerd and friends retry over http for an insecure registry. Closing
+# instead makes them fail with EOF.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# An empty SETTINGS frame, then GOAWAY(last stream 0, HTTP_1_1_REQUIRED): RFC 9113's way to say
+# "speak HTTP/1.1 to me", which clients report as such instead of a protocol error.
+H2_HTTP_1_1_REQUIRED = (
+    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x0d"
+)
 
-    Go's TLS client reports "server gave HTTP response to HTTPS client" when the first bytes it
-    reads are `HTTP/`: the one error on which docker, containerd and friends retry over http for an
-    insecure registry. Closing instead makes them fail with EOF. Nothing is dialled.
-    """
 
-    def __init__(self, context):
+class AnswerOnce(layer.Layer):
+    """Sends one fixed answer to whatever the client opened with, then closes: nothing is dialled."""
+
+    def __init__(self, context, answer: bytes):
         super().__init__(context)
+        self.answer = answer
         self.answered = False
 
     def _handle_event(self, event: events.Event):
         if not self.answered and isinstance(event, (events.Start, events.DataReceived)):
             self.answered = True
-            yield commands.SendData(self.context.client, PLAINTEXT_400)
+            yield commands.SendData(self.context.client, self.answer)
             yield commands.CloseConnection(self.context.client)
 
 
@@ -70,8 +79,13 @@ class PlainHttpListener:
         # the layers it stacked under it).
         if len(context.layers) > 1 and context.layers[1] is not nextlayer.layer:
             return
-        if nextlayer.data_client().startswith(TLS_HANDSHAKE):
-            nextlayer.layer = AnswerTlsInPlaintext(context)
+        data = nextlayer.data_client()
+        if data.startswith(TLS_HANDSHAKE):
+            nextlayer.layer = AnswerOnce(context, PLAINTEXT_400)
+        elif data.startswith(H2_PREFACE):
+            # HTTP/2 with prior knowledge (h2c), which mitmproxy cannot serve (it would read the
+            # preface as an HTTP/1 request): ask for HTTP/1.1 the way HTTP/2 does.
+            nextlayer.layer = AnswerOnce(context, H2_HTTP_1_1_REQUIRED)
 
 
 class HeaderTimeout:

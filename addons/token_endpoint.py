@@ -30,13 +30,14 @@ from mitmproxy import http
 from addons import oci
 from addons.client_auth import ClientAuth, Refusal, parse_client_credential, valid_token
 from addons.gate import fail_closed
-from addons.proxy_token import SHARED_SERVICE, ProxyTokens, connector_of, parse_scope
+from addons.proxy_token import SHARED_SERVICE, Access, ProxyTokens, connector_of, parse_scope
 from addons.routing import is_reverse
 from addons.scrub import LateSecrets
 
 logger = logging.getLogger(__name__)
 
 PATH = "/.connectors/token"
+CONNECTOR_ACTIONS = ("pull", "push", "delete")  # what using a connector allows (a policy may narrow it)
 PLACEHOLDER = b'{"token": "<redacted: proxy token, not recorded>"}'
 REDACTED_FORM = b"<redacted: token request form, not recorded>"
 
@@ -105,6 +106,10 @@ class TokenEndpoint:
                 flow.response = self.client_auth.refuse(flow.request, result)
                 return
             subject = result.identity.subject
+            # A connector is authorized as a whole (the SubjectAccessReview is on the Connector),
+            # so each repository asked for is granted every action the caller may take there:
+            # clients such as oras-py reuse a pull token for the push that follows.
+            access = [Access(a.type, a.name, CONNECTOR_ACTIONS) if a.type == "repository" else a for a in access]
         connector = f"{ref[0]}/{ref[1]}" if ref else ""
         if not connector:
             access = []  # a token for the shared ping opens no repository

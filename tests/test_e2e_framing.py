@@ -196,3 +196,17 @@ def test_http10_keep_alive_is_kept(world, framing_proxy):
                 while len(buf) < want:
                     buf += conn.recv(65536)
                 assert len(buf) == want
+
+
+def test_http2_prior_knowledge_is_asked_to_use_http11(framing_proxy):
+    """mitmproxy cannot serve h2c with prior knowledge (it would read the preface as an HTTP/1
+    request and answer 404): the listener answers with SETTINGS and GOAWAY(HTTP_1_1_REQUIRED)."""
+    with socket.create_connection(("127.0.0.1", framing_proxy.port), timeout=IO_TIMEOUT) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    assert answer[:9] == b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
+    goaway = answer[9:]
+    assert goaway[3] == 0x07 and goaway[-4:] == b"\x00\x00\x00\x0d"  # GOAWAY, HTTP_1_1_REQUIRED
+    assert not answer.startswith(b"HTTP/1.1")

@@ -320,7 +320,12 @@ from mitmproxy.addonmanager import traverse
 
 class DropUpstreamTrust:
     def running(self):
-        for addon in list(traverse(ctx.master.addons.chain)):
+        # The launcher puts the chain on the master itself; a -s script nests it.
+        chain = ctx.master.addons.chain
+        for a in [a for a in chain if type(a).__name__ == "UpstreamTrust"]:
+            chain.remove(a)
+            logging.warning("test: UpstreamTrust removed")
+        for addon in list(traverse(chain)):
             nested = getattr(addon, "addons", None)
             if isinstance(nested, list):
                 for a in [a for a in nested if type(a).__name__ == "UpstreamTrust"]:
