@@ -19,9 +19,9 @@ API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 # distribution/reference's repository name grammar: path components of lower-case alphanumerics
 # joined by separators; no empty, "." or ".." component can match.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
-REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-REFERENCE_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,})$")
-DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+REFERENCE_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,})\Z")
+DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}\Z")
 MAX_REPOSITORY_LENGTH = 255
 
 _ENDPOINT_RE = re.compile(
@@ -31,7 +31,7 @@ _ENDPOINT_RE = re.compile(
     r"|blobs/(?P<digest>[^/]+)"
     r"|tags/(?P<tags>list)"
     r"|referrers/(?P<referrers>[^/]+)"
-    r")$"
+    r")\Z"
 )
 
 
@@ -268,8 +268,11 @@ def has_body(request: http.Request) -> bool:
     if "chunked" in request.headers.get("transfer-encoding", "").lower():
         return True
     length = request.headers.get("content-length", "0").strip() or "0"
-    # ASCII digits only: "²".isdigit() is True and int("²") raises.
-    return not (length.isascii() and length.isdigit()) or int(length) > 0
+    # ASCII digits only ("²".isdigit() is True and int("²") raises), and no int() of thousands of
+    # digits (Python refuses those): anything but a plain small number is taken to mean a body.
+    if not (length.isascii() and length.isdigit()) or len(length) > 18:
+        return True
+    return int(length) > 0
 
 
 # ---------------------------------------------------------------- errors

@@ -28,14 +28,14 @@ OWN_ENDPOINTS = "/.connectors/"  # /.connectors/config, /.connectors/token: not 
 
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 HOST_FORM_RE = re.compile(
-    rf"^c-(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?:\.svc(?:\.cluster\.local)?)?\.?(?::\d{{1,5}})?$"
+    rf"^c-(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?:\.svc(?:\.cluster\.local)?)?\.?(?::[0-9]{{1,5}})?\Z"
 )
 PATH_FORM_RE = re.compile(
-    r"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?$"
+    r"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?\Z"
 )
-NAMESPACE_RE = re.compile(rf"^{_LABEL}$")
-NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
-MOUNT_FROM_RE = re.compile(r"^namespaces/(?P<namespace>[^/]+)/connectors/(?P<name>[^/]+)/(?P<repo>.+)$")
+NAMESPACE_RE = re.compile(rf"^{_LABEL}\Z")
+NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?\Z")
+MOUNT_FROM_RE = re.compile(r"^namespaces/(?P<namespace>[^/]+)/connectors/(?P<name>[^/]+)/(?P<repo>.+)\Z")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from mitmproxy import ctx, http
 
 from addons.gate import Gate, fail_closed
 from addons.oci import has_body
+from addons.rewrite import UPSTREAM_HEADERS_KEY
 
 REDACTED = "<redacted>"
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization")
@@ -116,6 +117,10 @@ class LateSecrets:
         self._armed_responses: set[str] = set()
         # What each flow's response must not echo (the injected credential in all its forms).
         self._secrets: weakref.WeakKeyDictionary[http.HTTPFlow, list[str]] = weakref.WeakKeyDictionary()
+        # Injected and not yet written: flow id -> (flow, name, value); and, while mitmproxy opens
+        # the upstream connection such a flow waits for, server connection id -> those flows.
+        self._unsent: dict[str, tuple[http.HTTPFlow, str, str]] = {}
+        self._connecting: dict[str, list[tuple[http.HTTPFlow, str, str]]] = {}
 
     # ---- what other addons call
 
@@ -160,18 +165,54 @@ class LateSecrets:
                 self._armed_requests.discard(flow.id)
                 name, value = self._headers.pop(flow.id)
                 if not flow.response:
-                    flow.request.headers[name] = value
-                    _redact_header_when_sent(flow, name, time.monotonic() + SEND_WAIT_SECONDS)
+                    self._set(flow, name, value)
             if flow.id in self._armed_responses and flow.response is not None:
                 self._armed_responses.discard(flow.id)
                 content, placeholder = self._bodies.pop(flow.id)
                 flow.response.content = content
                 _restore_body_when_sent(flow, placeholder)
 
+    def _set(self, flow: http.HTTPFlow, name: str, value: str) -> None:
+        flow.request.headers[name] = value
+        self._unsent[flow.id] = (flow, name, value)
+        _redact_header_when_sent(flow, name, time.monotonic() + SEND_WAIT_SECONDS, self._unsent)
+
+    # While mitmproxy opens the connection a request waits for (TCP, then TLS), the head is not
+    # written and the flow is on show (mitmweb's API): the header comes off at `server_connect`
+    # and goes back on in the last hook before the head is written.
+
+    def server_connect(self, data) -> None:
+        address = tuple(data.server.address[:2]) if data.server.address else None
+        waiting = [
+            entry for entry in self._unsent.values()
+            if entry[0].client_conn.id == data.client.id and (entry[0].request.host, entry[0].request.port) == address
+        ]
+        for flow, name, _ in waiting:
+            redact_request(flow, (name,))
+            flow.request.headers.pop(name, None)
+        if waiting:
+            self._connecting[data.server.id] = waiting
+
+    def server_connected(self, data) -> None:
+        if not data.server.tls:
+            self._reinject(data.server.id)
+
+    def tls_established_server(self, data) -> None:
+        self._reinject(data.conn.id)
+
+    def server_connect_error(self, data) -> None:
+        self._connecting.pop(data.server.id, None)
+
+    def _reinject(self, server_id: str) -> None:
+        for flow, name, value in self._connecting.pop(server_id, []):
+            if flow.live and flow.response is None and flow.error is None:
+                self._set(flow, name, value)
+
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget(flow)
 
     def _forget(self, flow: http.HTTPFlow) -> None:
+        self._unsent.pop(flow.id, None)
         self._headers.pop(flow.id, None)
         self._bodies.pop(flow.id, None)
         self._armed_requests.discard(flow.id)
@@ -183,7 +224,8 @@ SEND_WAIT_SECONDS = 30.0
 SEND_POLL_SECONDS = 0.001
 
 
-def _redact_header_when_sent(flow: http.HTTPFlow, name: str, deadline: float) -> None:
+def _redact_header_when_sent(flow: http.HTTPFlow, name: str, deadline: float,
+                             unsent: dict[str, tuple] | None = None) -> None:
     """Take the injected header off the live flow as soon as mitmproxy has written the request head.
 
     mitmproxy writes the head in the same synchronous step in which it attaches the server
@@ -196,8 +238,10 @@ def _redact_header_when_sent(flow: http.HTTPFlow, name: str, deadline: float) ->
     sent = server.connected and server.address is not None and tuple(server.address[:2]) == (flow.request.host, flow.request.port)
     if sent or flow.response is not None or flow.error is not None or time.monotonic() > deadline:
         redact_request(flow, (name,))
+        if unsent is not None:
+            unsent.pop(flow.id, None)
         return
-    asyncio.get_running_loop().call_later(SEND_POLL_SECONDS, _redact_header_when_sent, flow, name, deadline)
+    asyncio.get_running_loop().call_later(SEND_POLL_SECONDS, _redact_header_when_sent, flow, name, deadline, unsent)
 
 
 def _restore_body_when_sent(flow: http.HTTPFlow, placeholder: bytes, waited: int = 0) -> None:
@@ -257,6 +301,7 @@ class Scrub:
             clean = [redact_text(v, secrets) for v in values]
             if clean != values:
                 headers.set_all(name, clean)
+        _redact_original_headers(flow, secrets)
         if flow.response.stream is True:
             flow.response.stream = StreamRedactor([s.encode() for s in secrets])
         elif callable(flow.response.stream):
@@ -279,9 +324,21 @@ class Scrub:
                 cleaned = [redact_text(v, secrets) for v in values]
                 if cleaned != values:
                     flow.response.headers.set_all(name, cleaned)
+        if secrets:
+            _redact_original_headers(flow, secrets)  # a retried answer's, stored after responseheaders
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_request(flow)
+
+
+def _redact_original_headers(flow: http.HTTPFlow, secrets: list[str]) -> None:
+    """What the registry said before rewriting (kept in metadata for debugging and replays) is recorded too."""
+    original = flow.metadata.get(UPSTREAM_HEADERS_KEY)
+    if isinstance(original, dict):
+        flow.metadata[UPSTREAM_HEADERS_KEY] = {
+            k: [redact_text(str(x), secrets) for x in v] if isinstance(v, list) else redact_text(str(v), secrets)
+            for k, v in original.items()
+        }
 
 
 def _as_list(chunks) -> list[bytes]:

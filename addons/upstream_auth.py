@@ -243,6 +243,19 @@ class UpstreamWork:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+MAX_ANSWER = 1024 * 1024  # what a probe or token answer may be: JSON of a few KiB in practice
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A registry's or token server's answer, read whole but bounded."""
+
+    status: int
+    headers: Any  # urllib3's HTTPHeaderDict: case-insensitive
+    data: bytes
+    truncated: bool = False
+
+
 class RegistryClient:
     """Blocking HTTP to registries and token servers (run in threads), with verified TLS."""
 
@@ -264,29 +277,43 @@ class RegistryClient:
         pool = self._pools.get(key)
         if pool is None:
             context = registry_ssl_context(connector.ca_pem, self.ca_file, self.insecure, base_capath=capath)
-            pool = self._pools[key] = urllib3.PoolManager(ssl_context=context, retries=False, timeout=self.timeout)
+            # maxsize: as many kept connections per host as a connector may have calls in flight
+            pool = self._pools[key] = urllib3.PoolManager(ssl_context=context, retries=False, timeout=self.timeout,
+                                                          maxsize=8)
         return pool
 
     def send(
         self, connector: Connector, method: str, scheme: str, host: str, port: int, target: str,
         headers: dict[str, str] | None = None, kind: str = "", preload: bool = True,
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> Answer | urllib3.BaseHTTPResponse:
         """One request, built from parts parsed once (never from a URL string parsed again).
 
-        `kind` ("probe", "token") names an out-of-band exchange worth recording; `preload=False`
-        leaves the body unread (the caller reads what it can afford and releases the connection).
+        With `preload` (probes, token fetches) the answer is read here, at most `MAX_ANSWER` bytes
+        of it: a registry or token server that sends hundreds of MiB costs nothing. `kind`
+        ("probe", "token") names an out-of-band exchange worth recording. `preload=False` returns
+        the response unread (the caller reads what it can afford and releases the connection).
         """
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             pool = self._pool(connector).connection_from_host(host, port, scheme)
             resp = pool.urlopen(
                 method, target, headers=headers or {}, redirect=False, retries=False,
-                decode_content=False, preload_content=preload, assert_same_host=False,
+                decode_content=False, preload_content=False, assert_same_host=False,
             )
+            if not preload:
+                return resp
+            body = resp.read(MAX_ANSWER + 1)
+            truncated = len(body) > MAX_ANSWER
+            if truncated:
+                resp.close()  # the rest is never read: the connection cannot be reused
+                body = body[:MAX_ANSWER]
+            else:
+                resp.release_conn()
+            answer = Answer(resp.status, resp.headers, body, truncated)
             if kind and self.observer:
-                self.observer(make_exchange(kind, method, f"{scheme}://{netloc}{target}", headers or {}, resp.status,
-                                            list(resp.headers.items()), resp.data))
-            return resp
+                self.observer(make_exchange(kind, method, f"{scheme}://{netloc}{target}", headers or {}, answer.status,
+                                            list(answer.headers.items()), answer.data))
+            return answer
         except urllib3.exceptions.SSLError as e:
             raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: TLS verification of {netloc} failed: {_reason(e)}") from None
         except urllib3.exceptions.NewConnectionError as e:  # a subclass of ConnectTimeoutError
@@ -334,6 +361,8 @@ class RegistryClient:
             raise UpstreamError(502, "UNAUTHORIZED", f"connector {connector.key}: the token server {realm.netloc} rejected the connector's credentials (HTTP {resp.status})")
         if resp.status != 200:
             raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm.netloc} answered HTTP {resp.status}")
+        if resp.truncated:
+            raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: the token server {realm.netloc} sent more than {MAX_ANSWER} bytes")
         try:
             value, expires_in = parse_token_response(resp.data)
         except TokenResponseError as e:

@@ -67,7 +67,7 @@ RENDERABLE_FILES: tuple[str, ...] = (CONFIG_JSON, BUILDKITD_TOML, *BUILTIN_FILES
 
 NO_PROXY_BASE: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
-_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 class RenderError(ValueError):
