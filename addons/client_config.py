@@ -85,7 +85,8 @@ class ClientConfig:
         proxy_url = query.get("proxy_url") or ctx.options.external_url or None
         try:
             files = render(RenderRequest(connectors, token, query.get("names", ""), proxy_url,
-                                         ctx.options.forward_address or None, self._ca_pem()))
+                                         ctx.options.forward_address or None, self._ca_pem(),
+                                         ctx.options.cluster_domain))
         except RenderError as e:
             flow.response = oci.refusal(flow.request, 400, "UNSUPPORTED", str(e))
             return

@@ -16,20 +16,19 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import oci
 from addons.gate import fail_closed
+from connector_store import addresses
+from connector_store.addresses import DEFAULT_CLUSTER_DOMAIN
 from connector_store.model import Address
 
 METADATA_KEY = "connector_proxy"
 OWN_ENDPOINTS = "/.connectors/"  # /.connectors/config, /.connectors/token: not registry paths
 
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
-HOST_FORM_RE = re.compile(
-    rf"^c-(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?:\.svc(?:\.cluster\.local)?)?\.?(?::[0-9]{{1,5}})?\Z"
-)
 PATH_FORM_RE = re.compile(
     r"^/v2/namespaces/(?P<namespace>[^/]*)/connectors/(?P<name>[^/]*)(?P<rest>/.*)?\Z"
 )
@@ -64,12 +63,9 @@ class Route:
         return cls(**data) if isinstance(data, dict) else None
 
 
-def parse_host_form(host_header: str | None) -> tuple[str, str] | None:
+def parse_host_form(host_header: str | None, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> tuple[str, str] | None:
     """`c-harbor.default.svc.cluster.local:80` -> ("default", "harbor")."""
-    if not host_header:
-        return None
-    m = HOST_FORM_RE.match(host_header.lower())
-    return (m.group("namespace"), m.group("name")) if m else None
+    return addresses.parse_host_form(host_header, cluster_domain)
 
 
 def parse_path_form(path: str) -> tuple[str, str, str] | None:
@@ -83,7 +79,8 @@ def parse_path_form(path: str) -> tuple[str, str, str] | None:
     return namespace, name, "/v2" + rest
 
 
-def route_request(path: str, host_header: str | None, origin: str) -> Route:
+def route_request(path: str, host_header: str | None, origin: str,
+                  cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> Route:
     """Work out the route for a client request path (without query); raises ProtocolError."""
     if "\\" in path or "%2f" in path.lower() or "/../" in path + "/" or "/./" in path + "/":
         raise oci.ProtocolError(400, "NAME_INVALID", "path segments '.', '..' and encoded slashes are not allowed")
@@ -92,7 +89,7 @@ def route_request(path: str, host_header: str | None, origin: str) -> Route:
         namespace, name, upstream = path_form
         oci.parse_api_path(upstream)  # reject malformed repository names before anything else
         return Route("path", namespace, name, origin, f"namespaces/{namespace}/connectors/{name}", upstream)
-    host_form = parse_host_form(host_header)
+    host_form = parse_host_form(host_header, cluster_domain)
     if host_form:
         oci.parse_api_path(path)
         return Route("host", host_form[0], host_form[1], origin, "", path)
@@ -160,6 +157,19 @@ class Routing:
 
     Reverse listener only: forward-mode routes come from the forward addon."""
 
+    def __init__(self) -> None:
+        self.cluster_domain = DEFAULT_CLUSTER_DOMAIN
+
+    def load(self, loader):
+        loader.add_option("cluster_domain", str, DEFAULT_CLUSTER_DOMAIN,
+                          "The cluster's DNS domain: host-form names are c-<name>.<ns>.svc.<cluster_domain>.")
+
+    def configure(self, updated):
+        if "cluster_domain" in updated:
+            if not addresses.valid_cluster_domain(ctx.options.cluster_domain):
+                raise exceptions.OptionsError(f"cluster_domain: {ctx.options.cluster_domain!r} is not a DNS domain")
+            self.cluster_domain = ctx.options.cluster_domain
+
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not is_reverse(flow):
@@ -168,7 +178,7 @@ class Routing:
         if path.startswith(OWN_ENDPOINTS):
             return  # the proxy's own endpoints (config, token) answer for themselves
         try:
-            route = route_request(path, flow.request.host_header, client_origin(flow))
+            route = route_request(path, flow.request.host_header, client_origin(flow), self.cluster_domain)
         except oci.ProtocolError as e:
             flow.response = oci.refusal(flow.request, e.status, e.code, str(e))
             return

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from mitmproxy import ctx
 
 from addons.store import ConnectorStore
+from connector_store.addresses import DEFAULT_CLUSTER_DOMAIN, host_form_host, service_host
 from addons.upstream_auth import RegistryClient, UpstreamError, basic_header
 from connector_store.model import CONNECTOR_API_GROUP, Connector
 
@@ -38,12 +39,14 @@ class Condition:
     message: str = ""
 
 
-def proxy_url(connector: Connector, external_url: str = "") -> str:
+def proxy_url(connector: Connector, external_url: str = "", cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
     """The advertised address: in-cluster host form with the path-form prefix (works both ways)."""
     path = f"/namespaces/{connector.namespace}/connectors/{connector.name}"
     if external_url:
         return external_url.rstrip("/") + path
-    return f"http://c-{connector.name}.{connector.namespace}.svc.cluster.local{path}"
+    host = host_form_host(connector.name, connector.namespace, cluster_domain) or service_host(
+        f"c-{connector.name}", connector.namespace, cluster_domain)
+    return f"http://{host}{path}"
 
 
 def check_connector(connector: Connector, client: RegistryClient) -> list[Condition]:
@@ -97,26 +100,32 @@ def _with_ready(conditions: list[Condition]) -> list[Condition]:
     return conditions + [ready]
 
 
-def merge_conditions(old: list[dict], new: list[Condition], now: str) -> list[dict]:
-    """Kubernetes conditions; lastTransitionTime only moves when the status changes."""
+def merge_conditions(old: list[dict], new: list[Condition], now: str, generation: int | None = None) -> list[dict]:
+    """Kubernetes conditions; lastTransitionTime only moves when the status changes, and
+    observedGeneration says which spec they were computed from."""
     previous = {c.get("type"): c for c in old or []}
     out = []
     for c in new:
         prev = previous.get(c.type)
         changed = not prev or prev.get("status") != c.status
-        out.append({
+        condition = {
             "type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
             "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
-        })
+        }
+        if generation is not None:
+            condition["observedGeneration"] = generation
+        out.append(condition)
     return out
 
 
 def _summary(conditions) -> tuple:
-    return tuple((c.get("type"), c.get("status"), c.get("reason"), c.get("message")) for c in conditions or [])
+    return tuple((c.get("type"), c.get("status"), c.get("reason"), c.get("message"), c.get("observedGeneration"))
+                 for c in conditions or [])
 
 
-def host_form_service(connector_obj: dict, proxy_service: str, proxy_namespace: str) -> dict:
-    """An ExternalName Service `c-<name>`: `c-<name>.<ns>.svc.cluster.local` resolves to the proxy."""
+def host_form_service(connector_obj: dict, proxy_service: str, proxy_namespace: str,
+                      cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> dict:
+    """An ExternalName Service `c-<name>`: `c-<name>.<ns>.svc.<cluster domain>` resolves to the proxy."""
     meta = connector_obj["metadata"]
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -126,9 +135,23 @@ def host_form_service(connector_obj: dict, proxy_service: str, proxy_namespace: 
             "ownerReferences": [{"apiVersion": f"{CONNECTOR_API_GROUP}/v1alpha1", "kind": "Connector",
                                  "name": meta["name"], "uid": meta.get("uid", ""), "controller": True}],
         },
-        "spec": {"type": "ExternalName", "externalName": f"{proxy_service}.{proxy_namespace}.svc.cluster.local",
+        "spec": {"type": "ExternalName", "externalName": service_host(proxy_service, proxy_namespace, cluster_domain),
                  "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
     }
+
+
+def service_differs(existing, wanted: dict) -> bool:
+    """Whether a Service (the client's model object or a dict) differs from the one we want."""
+    if not isinstance(existing, dict):
+        from kubernetes import client as k8s
+
+        existing = k8s.ApiClient().sanitize_for_serialization(existing)
+    spec = existing.get("spec") or {}
+    ports = [{"name": p.get("name"), "port": p.get("port"), "protocol": p.get("protocol", "TCP")}
+             for p in spec.get("ports") or []]
+    want = wanted["spec"]
+    return (spec.get("type") != want["type"] or spec.get("externalName") != want["externalName"]
+            or ports != want["ports"])
 
 
 class LeaseElector:
@@ -207,14 +230,16 @@ class ConnectorStatus:
             self._thread = threading.Thread(
                 target=self._run, name="connector-status", daemon=True,
                 args=(backend, opts.status_interval, opts.proxy_namespace, opts.proxy_service, opts.external_url,
-                      opts.host_services, RegistryClient(opts.upstream_timeout, opts.ssl_insecure, opts.ssl_verify_upstream_trusted_ca)),
+                      opts.host_services, RegistryClient(opts.upstream_timeout, opts.ssl_insecure, opts.ssl_verify_upstream_trusted_ca),
+                      opts.cluster_domain),
             )
             self._thread.start()
 
     def done(self):
         self._stop.set()
 
-    def _run(self, backend, interval, proxy_namespace, proxy_service, external_url, host_services, registry) -> None:
+    def _run(self, backend, interval, proxy_namespace, proxy_service, external_url, host_services, registry,
+             cluster_domain=DEFAULT_CLUSTER_DOMAIN) -> None:
         from kubernetes import client as k8s
 
         custom = k8s.CustomObjectsApi(backend.api)
@@ -235,14 +260,14 @@ class ConnectorStatus:
                         return
                     try:
                         self._reconcile(connector, custom, core, registry, proxy_namespace, proxy_service,
-                                        external_url, host_services)
+                                        external_url, host_services, cluster_domain)
                     except Exception as e:
                         logger.warning("status of connector %s not written: %s", connector.key, e)
                 last_catalog, last_full = catalog, time.monotonic()
             self._stop.wait(1.0)
 
     def _reconcile(self, connector, custom, core, registry, proxy_namespace, proxy_service, external_url,
-                   host_services) -> None:
+                   host_services, cluster_domain=DEFAULT_CLUSTER_DOMAIN) -> None:
         from kubernetes.client.rest import ApiException
 
         obj = custom.get_namespaced_custom_object(CONNECTOR_API_GROUP, "v1alpha1", connector.namespace,
@@ -250,8 +275,10 @@ class ConnectorStatus:
         conditions = check_connector(connector, registry)
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         status = obj.get("status") or {}
-        merged = merge_conditions(status.get("conditions") or [], conditions, now)
-        url = proxy_url(connector, external_url)
+        generation = (obj.get("metadata") or {}).get("generation")
+        merged = merge_conditions(status.get("conditions") or [], conditions, now,
+                                  generation if isinstance(generation, int) else None)
+        url = proxy_url(connector, external_url, cluster_domain)
         current = (((status.get("proxy") or {}).get("httpAddress") or {}).get("url"), _summary(status.get("conditions")))
         if current != (url, _summary(merged)):  # write only changes: no update storm with many replicas
             body = {"status": {"proxy": {"httpAddress": {"url": url}}, "conditions": merged}}
@@ -260,10 +287,18 @@ class ConnectorStatus:
             ready = merged[-1]
             logger.info("connector %s status: Ready=%s %s", connector.key, ready["status"], ready["reason"])
         if host_services:
-            service = host_form_service(obj, proxy_service, proxy_namespace)
+            service = host_form_service(obj, proxy_service, proxy_namespace, cluster_domain)
             try:
                 core.create_namespaced_service(connector.namespace, service)
                 logger.info("created Service %s/c-%s for the host form", connector.namespace, connector.name)
             except ApiException as e:
                 if e.status != 409:
                     raise
+                # It exists: make it say what it must (someone may have edited or replaced it).
+                existing = core.read_namespaced_service(service["metadata"]["name"], connector.namespace)
+                if service_differs(existing, service):
+                    core.patch_namespaced_service(service["metadata"]["name"], connector.namespace,
+                                                  {"metadata": {"labels": service["metadata"]["labels"],
+                                                                "ownerReferences": service["metadata"]["ownerReferences"]},
+                                                   "spec": service["spec"]})
+                    logger.info("updated Service %s/c-%s for the host form", connector.namespace, connector.name)

@@ -1,10 +1,11 @@
-"""`connector-proxy`: start mitmdump (or mitmweb with --web) with the proxy's addons and options.
+"""`connector-proxy`: the proxy (`serve`) and client configuration (`config render`).
 
-    connector-proxy (--connectors DIR | --store kubernetes [--kubeconfig PATH] [--namespace NS]...)
+    connector-proxy [serve] (--connectors DIR | --store kubernetes [--kubeconfig PATH] [--namespace NS]...)
                     (--client-tokens FILE | --client-auth kubernetes [--token-audience AUD] [--proxy-permissions])
-                    --listen HOST:PORT [--web] [-- extra mitmproxy args]
+                    --listen HOST:PORT [--cluster-domain DOMAIN] [--web] [-- extra mitmproxy args]
+    connector-proxy config render ...   (see render_cli.py)
 
-`connector-proxy config render ...` renders client configuration instead (see render_cli.py).
+`serve` is the default: a bare flag list, as the manifests give it, runs the proxy.
 
 The proxy launcher assembles a mitmproxy command line and runs mitmdump (or mitmweb) with the addon
 chain added to its master: everything it sets can be set by hand with
@@ -20,29 +21,35 @@ import sys
 import tempfile
 from pathlib import Path
 
+from connector_store import render_cli
+from connector_store.cli_args import add_cluster_domain, add_source_arguments, parse_listen
+
 # Reverse mode needs an upstream; every routed request is retargeted to its connector, so this
 # placeholder is never contacted (connection_strategy=lazy connects only when a request goes out).
 PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def add_source_arguments(p: argparse.ArgumentParser) -> None:
-    """Where connectors come from: the same flags for the proxy and for `config render`."""
-    store = p.add_mutually_exclusive_group(required=True)
-    store.add_argument("--connectors", metavar="DIR", help="directory of Connector and Secret manifests")
-    store.add_argument("--store", choices=["kubernetes"], help="read the Connectors from the cluster")
-    p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig (default: in-cluster configuration)")
+COMMANDS = ("serve", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`connector-proxy serve ...` and `connector-proxy config render ...` (a bare flag list means serve)."""
     p = argparse.ArgumentParser(prog="connector-proxy", description=__doc__.split("\n\n")[0])
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help="run the proxy: mitmdump, or mitmweb with --web",
+                                description="Run the proxy (mitmdump, or mitmweb with --web) with its addon chain.")
+    add_serve_arguments(serve)
+    config = commands.add_parser("config", help="client configuration for workloads")
+    config_commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    render = config_commands.add_parser("render", help="render config.json, buildkitd.toml, .env ... for a workload",
+                                        description=render_cli.__doc__.split("\n\n")[0])
+    render_cli.build_parser(render)
+    return p
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_source_arguments(p)
+    add_cluster_domain(p)
     p.add_argument("--namespace", action="append", default=[], metavar="NS",
                    help="watch only this namespace (repeatable; default: all)")
     auth = p.add_mutually_exclusive_group(required=True)
@@ -67,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", action="store_true", help="run mitmweb (the interactive debugger) instead of mitmdump")
     p.add_argument("--flow-detail", type=int, default=1, help="mitmdump flow log detail (0-4, default 1: one line per request)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra mitmproxy arguments")
-    return p
 
 
 def ensure_ca(directory: str | Path) -> Path:
@@ -111,6 +117,8 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
             args += ["--set", f"connectors_namespaces={','.join(ns.namespace)}"]
     if ns.kubeconfig:
         args += ["--set", f"kubeconfig={Path(ns.kubeconfig).resolve()}"]
+    if ns.cluster_domain:
+        args += ["--set", f"cluster_domain={ns.cluster_domain}"]
     if ns.external_url:
         args += ["--set", f"external_url={ns.external_url}"]
     if ns.client_tokens:
@@ -142,12 +150,12 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["config", "render"]:
-        from connector_store import render_cli
-
-        return render_cli.main(argv[2:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")  # `connector-proxy --store=...`, as the manifests have always said
     ns = build_parser().parse_args(argv)
+    if ns.command == "config":
+        return render_cli.main(args=ns)
     run_mitmproxy(mitmproxy_args(ns), web=ns.web)
     return 0
 

@@ -3,6 +3,10 @@
 `refresh()` re-reads the directory when any file was added, changed or removed (by comparing
 name, size and mtime), so the proxy picks up edits without a restart. It is cheap enough to be
 called every second; the proxy's store addon does exactly that.
+
+A file that cannot be read or parsed (YAML syntax, invalid UTF-8, a recursive alias, a `kind: List`
+whose items are no list) becomes one entry in `catalog.errors`, logged; every other file still loads.
+`parse_manifests` is the whole per-file parser: bytes in, manifests out, ManifestError and nothing else.
 """
 
 from __future__ import annotations
@@ -10,15 +14,50 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from connector_store.model import Catalog, build_catalog, flatten
+from connector_store.model import Catalog, ManifestError, build_catalog, flatten
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where, without the snippet of the file PyYAML quotes (it may be a password line)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        if e.encoding != "unicode":  # a decoding error (PyYAML's own str() mistakes it for a character)
+            return f"not valid {e.encoding} text (byte {e.position})"
+        return f"unacceptable character #x{e.character:04x} (character {e.position})"
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        what = e.problem or e.context or "invalid YAML"
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
+    return type(e).__name__
+
+
+def parse_manifests(data: bytes) -> list[Mapping[str, Any]]:
+    """The manifests in one file's bytes (YAML or JSON, several documents, `kind: List` expanded).
+
+    Raises ManifestError and nothing else, whatever the bytes are.
+    """
+    try:
+        # bytes, not str: PyYAML decodes UTF-8 (or UTF-16 with a BOM) itself and reports invalid
+        # text as a ReaderError instead of a UnicodeDecodeError from the file object.
+        docs = list(yaml.safe_load_all(data))
+    except yaml.YAMLError as e:
+        raise ManifestError(f"invalid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # "[[[[...": PyYAML's composer and constructor recurse per level
+        raise ManifestError("invalid YAML: nested too deeply") from None
+    except ValueError as e:  # PyYAML's constructors: `2024-13-01` (a date), a 5000-digit int
+        raise ManifestError(f"invalid YAML: a value cannot be converted: {str(e)[:100]}") from None
+    except Exception as e:  # noqa: BLE001 - PyYAML's own bugs: `!!float ''` is an IndexError
+        raise ManifestError(f"invalid YAML: the parser failed ({type(e).__name__})") from None
+    return list(flatten(docs))
 
 
 class DirectoryStore:
@@ -59,9 +98,8 @@ class DirectoryStore:
             read_errors = []
             for path in self._files():
                 try:
-                    with path.open() as f:
-                        docs.extend((path.name, d) for d in flatten(yaml.safe_load_all(f)))
-                except (OSError, yaml.YAMLError) as e:
+                    docs.extend((path.name, d) for d in parse_manifests(path.read_bytes()))
+                except (OSError, ManifestError) as e:
                     read_errors.append(f"{path.name}: cannot read: {e}")
             catalog = build_catalog(docs)
             self.catalog = Catalog(catalog.connectors, tuple(read_errors) + catalog.errors)
@@ -72,7 +110,7 @@ class DirectoryStore:
 
     def _report(self) -> None:
         for error in self.catalog.errors:
-            logger.error("manifest skipped: %s", error)
+            logger.warning("manifest skipped: %s", error)
         for c in self.catalog.connectors.values():
             if c.usable:
                 logger.info("connector %s ready: %s", c.key, c.address)

@@ -4,12 +4,17 @@ Everything here is pure: the directory and Kubernetes backends feed manifests (d
 `Catalog` out. A Connector that cannot be used (missing Secret, Secret without a password, bad
 address) is still in the catalog, with `problem` saying why, so its clients get a clear error while
 every other connector keeps working.
+
+Manifests are untrusted input (anyone who can write the directory or create a Secret). Every parser
+here raises `ManifestError` (a ValueError) and nothing else, whatever the document holds: wrong
+types, recursive YAML aliases, lone surrogates from JSON escapes. Its message names the field path
+(`spec.auth.params: expected a list of {name, value}, got int`) and never repeats a Secret's value.
+tests/security/test_fuzz_parsers.py proves it with hypothesis; `scripts/fuzz` runs it at scale.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import ipaddress
 import json
@@ -29,12 +34,81 @@ SECRET_TYPE_BASIC_AUTH = "kubernetes.io/basic-auth"
 SECRET_TYPE_DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 
 # Kubernetes object names: DNS-1123 subdomain for names, label for namespaces.
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, and "harbor\n" is no name.
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+# What may go into an HTTP header as a token as is (RFC 6750 b64token, widened to visible ASCII).
+_HEADER_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+_PRINTABLE_ASCII_RE = re.compile(r"[\x21-\x7e]*")
+MAX_LIST_DEPTH = 16  # `kind: List` inside `kind: List`...; a recursive YAML alias would never end
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be understood at all (as opposed to a connector that is not usable)."""
+    """A manifest that cannot be understood at all (as opposed to a connector that is not usable).
+
+    The only exception the parsers in this module raise. Also raised by `credentials_from_secret`
+    and `parse_address` for a Secret or address that cannot be used (there `parse_connector`
+    turns it into the connector's `problem`).
+    """
+
+
+def _kind(value: Any) -> str:
+    """The YAML/JSON type of a value, for messages (never the value itself: it may be a secret)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary"
+    return type(value).__name__
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """repr() of a str for a message, cut to a readable length."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _text(value: str, path: str) -> str:
+    """A str that can be encoded (JSON escapes such as "\\ud800" give lone surrogates, which can't)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ManifestError(f"{path}: not valid Unicode text (lone surrogate)") from None
+    return value
+
+
+def _string(value: Any, path: str, default: str = "") -> str:
+    """A string field; absent or null gives `default`."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ManifestError(f"{path}: expected a string, got {_kind(value)}")
+    return _text(value, path)
+
+
+def _mapping(value: Any, path: str) -> Mapping[Any, Any]:
+    """A mapping field; absent or null gives {}."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{path}: expected a mapping, got {_kind(value)}")
+    return value
+
+
+def _list(value: Any, path: str, what: str = "a list") -> list[Any]:
+    """A list field; absent or null gives []."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ManifestError(f"{path}: expected {what}, got {_kind(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -63,38 +137,44 @@ class Address:
         return self.origin + self.path_prefix
 
 
-HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*\.?$")
+HOST_RE = re.compile(r"^(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*\.?\Z")
 
 
 def parse_address(url: str) -> Address:
     """Parse `spec.address`. A bare host (`harbor.example.com`) means https, as registry clients assume.
 
-    Error messages never repeat the address: a mistyped one may hold credentials.
+    Error messages never repeat the address: a mistyped one may hold credentials. Raises
+    ManifestError (a ValueError) and nothing else, for any value.
     """
     if not isinstance(url, str) or not url.strip():
-        raise ValueError("address is empty")
+        raise ManifestError("address is empty")
     url = url.strip()
     if "://" not in url:
         url = "https://" + url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL", a netloc that changes under NFKC normalization
+        raise ManifestError("address is not a valid URL") from None
     if "@" in parts.netloc:
-        raise ValueError("address must not carry credentials; use spec.auth.secretRef")
+        raise ManifestError("address must not carry credentials; use spec.auth.secretRef")
     if parts.scheme not in ("http", "https"):
-        raise ValueError("scheme must be http or https")
+        raise ManifestError("scheme must be http or https")
     host = (parts.hostname or "").lower()
     if not host:
-        raise ValueError("address has no host")
+        raise ManifestError("address has no host")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not HOST_RE.match(host):
-            raise ValueError(f"{host!r} is not a valid host name") from None
+            raise ManifestError(f"{_short(host)} is not a valid host name") from None
     if parts.query or parts.fragment:
-        raise ValueError("address must not have a query or fragment")
+        raise ManifestError("address must not have a query or fragment")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError("address has an invalid port") from None
+        raise ManifestError("address has an invalid port") from None
+    if not _PRINTABLE_ASCII_RE.fullmatch(parts.path):
+        raise ManifestError("address path must be printable ASCII without spaces (percent-encode the rest)")
     prefix = parts.path.rstrip("/")
     if prefix.endswith("/v2"):  # people paste the API root; the proxy adds /v2 itself
         prefix = prefix[: -len("/v2")]
@@ -130,7 +210,7 @@ ANONYMOUS = Credentials(kind="anonymous", version="anonymous")
 def _fingerprint(*values: str) -> str:
     h = hashlib.sha256(b"connector-credentials")
     for v in values:
-        h.update(b"\0" + v.encode())
+        h.update(b"\0" + v.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
 
 
@@ -185,131 +265,195 @@ class Catalog:
         return len(self.connectors)
 
 
-def _metadata(doc: Mapping[str, Any]) -> tuple[str, str]:
-    meta = doc.get("metadata") or {}
-    if not isinstance(meta, Mapping):
-        raise ManifestError("metadata must be a mapping")
+def _metadata(doc: Any) -> tuple[str, str]:
+    if not isinstance(doc, Mapping):
+        raise ManifestError(f"manifest: expected a mapping, got {_kind(doc)}")
+    meta = _mapping(doc.get("metadata"), "metadata")
     name = meta.get("name")
-    namespace = meta.get("namespace") or DEFAULT_NAMESPACE
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ManifestError(f"metadata.name {name!r} is not a valid Kubernetes name")
-    if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace):
-        raise ManifestError(f"metadata.namespace {namespace!r} is not a valid namespace")
+    namespace = meta.get("namespace")
+    if namespace is None or namespace == "":
+        namespace = DEFAULT_NAMESPACE
+    if not isinstance(name, str):
+        raise ManifestError(f"metadata.name: expected a string, got {_kind(name)}")
+    if not NAME_RE.match(name):
+        raise ManifestError(f"metadata.name {_short(name)} is not a valid Kubernetes name")
+    if not isinstance(namespace, str):
+        raise ManifestError(f"metadata.namespace: expected a string, got {_kind(namespace)}")
+    if not NAMESPACE_RE.match(namespace):
+        raise ManifestError(f"metadata.namespace {_short(namespace)} is not a valid namespace")
     return namespace, name
 
 
+def _secret_key(key: Any, path: str) -> str:
+    if not isinstance(key, str):
+        raise ManifestError(f"{path}: keys must be strings, got {_kind(key)}")
+    return _text(key, f"{path} key")
+
+
 def parse_secret(doc: Mapping[str, Any]) -> Secret:
-    """A v1 Secret: `stringData` (as people write it) wins over base64 `data` (as the API returns it)."""
+    """A v1 Secret: `stringData` (as people write it) wins over base64 `data` (as the API returns it).
+
+    Values are strings, as Kubernetes requires (`password: 0123` is the number 83 in YAML: quote it).
+    Raises ManifestError only.
+    """
     namespace, name = _metadata(doc)
+    where = f"secret {namespace}/{name}"
     values: dict[str, str] = {}
-    data = doc.get("data") or {}
-    if not isinstance(data, Mapping):
-        raise ManifestError(f"secret {namespace}/{name}: data must be a mapping")
+    data = _mapping(doc.get("data"), f"{where}: data")
     for k, v in data.items():
+        key = _secret_key(k, f"{where}: data")
+        if not isinstance(v, str):
+            raise ManifestError(f"{where}: data.{_short(key)[1:-1]}: expected a base64 string, got {_kind(v)}")
         try:
-            values[str(k)] = base64.b64decode(str(v), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise ManifestError(f"secret {namespace}/{name}: data.{k} is not valid base64 text") from None
-    string_data = doc.get("stringData") or {}
-    if not isinstance(string_data, Mapping):
-        raise ManifestError(f"secret {namespace}/{name}: stringData must be a mapping")
-    values.update({str(k): str(v) for k, v in string_data.items()})
-    return Secret(namespace, name, str(doc.get("type") or "Opaque"), values)
+            values[key] = base64.b64decode(v, validate=True).decode()
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text
+            raise ManifestError(f"{where}: data.{_short(key)[1:-1]} is not valid base64 text") from None
+    string_data = _mapping(doc.get("stringData"), f"{where}: stringData")
+    for k, v in string_data.items():
+        key = _secret_key(k, f"{where}: stringData")
+        path = f"{where}: stringData.{_short(key)[1:-1]}"
+        if not isinstance(v, str):
+            raise ManifestError(f"{path}: expected a string, got {_kind(v)}")
+        values[key] = _text(v, path)
+    secret_type = _string(doc.get("type"), f"{where}: type") or "Opaque"
+    return Secret(namespace, name, secret_type, values)
 
 
 def credentials_from_secret(secret: Secret, address: Address) -> Credentials:
-    """Turn a Secret into upstream credentials; raises ValueError saying what is missing."""
+    """Turn a Secret into upstream credentials; raises ManifestError (a ValueError) saying what is wrong."""
     where = f"secret {secret.namespace}/{secret.name}"
     d = secret.data
     if secret.type == SECRET_TYPE_DOCKERCONFIGJSON:
         return _from_dockerconfig(where, d.get(".dockerconfigjson"), address)
     if secret.type in (SECRET_TYPE_REGISTRY_TOKEN, SECRET_TYPE_BASIC_AUTH) or "password" in d:
-        username, password = d.get("username", ""), d.get("password")
+        username = _string(d.get("username"), f"{where}: username")
+        password = _string(d.get("password"), f"{where}: password")
         if not password:
-            raise ValueError(f"{where} (type {secret.type}) has no 'password'")
+            raise ManifestError(f"{where} (type {_short(secret.type)[1:-1]}) has no 'password'")
         if not username and secret.type != SECRET_TYPE_BASIC_AUTH:
-            raise ValueError(f"{where} (type {secret.type}) has no 'username'")
+            raise ManifestError(f"{where} (type {_short(secret.type)[1:-1]}) has no 'username'")
         return Credentials("basic", username, password, version=_fingerprint("basic", username, password))
-    if d.get("token"):  # a static bearer token (e.g. a registry robot token used as is)
-        return Credentials("bearer", token=d["token"], version=_fingerprint("bearer", d["token"]))
-    raise ValueError(f"{where} (type {secret.type}) has neither 'password' nor 'token'")
+    token = _string(d.get("token"), f"{where}: token")
+    if token:  # a static bearer token (e.g. a registry robot token used as is)
+        return _bearer(f"{where}: token", token)
+    raise ManifestError(f"{where} (type {_short(secret.type)[1:-1]}) has neither 'password' nor 'token'")
 
 
-def _from_dockerconfig(where: str, raw: str | None, address: Address) -> Credentials:
+def _bearer(path: str, token: str) -> Credentials:
+    # It goes into `Authorization: Bearer <token>` as is: a newline (kubectl create secret
+    # --from-file keeps the file's last one) or a space would break or inject a header.
+    if not _HEADER_TOKEN_RE.fullmatch(token):
+        raise ManifestError(f"{path}: a bearer token must be visible ASCII without spaces or newlines")
+    return Credentials("bearer", token=token, version=_fingerprint("bearer", token))
+
+
+def _from_dockerconfig(where: str, raw: Any, address: Address) -> Credentials:
     if not raw:
-        raise ValueError(f"{where} has no '.dockerconfigjson'")
+        raise ManifestError(f"{where} has no '.dockerconfigjson'")
+    if not isinstance(raw, str):
+        raise ManifestError(f"{where}: .dockerconfigjson: expected a string, got {_kind(raw)}")
     try:
-        auths = json.loads(raw).get("auths") or {}
-    except (ValueError, AttributeError):
-        raise ValueError(f"{where}: .dockerconfigjson is not valid JSON") from None
+        config = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the stack
+        raise ManifestError(f"{where}: .dockerconfigjson is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ManifestError(f"{where}: .dockerconfigjson: expected a JSON object, got {_kind(config)}")
+    auths = config.get("auths")
+    if not auths:
+        auths = {}
+    if not isinstance(auths, dict):
+        raise ManifestError(f"{where}: .dockerconfigjson auths: expected a JSON object, got {_kind(auths)}")
     # docker writes keys as `host[:port]`, sometimes with a scheme or the legacy /v1/ path.
     wanted = {address.netloc, f"{address.host}:{address.port}"}
     for key, entry in auths.items():
-        host = urlsplit(key if "://" in key else "//" + key).netloc.lower()
-        if host in wanted and isinstance(entry, Mapping):
-            username, password = entry.get("username", ""), entry.get("password", "")
-            if entry.get("auth"):
-                try:
-                    username, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (binascii.Error, UnicodeDecodeError):
-                    raise ValueError(f"{where}: auth for {key} is not valid base64") from None
-            if entry.get("registrytoken") or entry.get("identitytoken"):
-                token = entry.get("registrytoken") or entry.get("identitytoken")
-                return Credentials("bearer", token=token, version=_fingerprint("bearer", token))
-            if not password:
-                raise ValueError(f"{where}: the entry for {key} has no password")
-            return Credentials("basic", username, password, version=_fingerprint("basic", username, password))
-    raise ValueError(f"{where}: .dockerconfigjson has no entry for {address.netloc}")
+        try:
+            host = urlsplit(key if "://" in key else "//" + key).netloc.lower()
+        except ValueError:  # "[::1" and the like: not a registry address, so not ours
+            continue
+        if host not in wanted:
+            continue
+        path = f"{where}: .dockerconfigjson auths[{_short(key)}]"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{path}: expected a JSON object, got {_kind(entry)}")
+        fields = {f: _string(entry.get(f), f"{path}.{f}") for f in ("username", "password", "auth", "registrytoken", "identitytoken")}
+        username, password = fields["username"], fields["password"]
+        if fields["auth"]:
+            try:
+                username, _, password = base64.b64decode(fields["auth"]).decode().partition(":")
+            except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII text
+                raise ManifestError(f"{where}: auth for {_short(key)[1:-1]} is not valid base64") from None
+        token = fields["registrytoken"] or fields["identitytoken"]
+        if token:
+            return _bearer(f"{path}.{'registrytoken' if fields['registrytoken'] else 'identitytoken'}", token)
+        if not password:
+            raise ManifestError(f"{where}: the entry for {_short(key)[1:-1]} has no password")
+        return Credentials("basic", username, password, version=_fingerprint("basic", username, password))
+    raise ManifestError(f"{where}: .dockerconfigjson has no entry for {address.netloc}")
 
 
 def _ca_from_secret(secret: Secret) -> str:
     pems = [v for k, v in sorted(secret.data.items()) if k == "ca.crt" or k.endswith((".crt", ".pem"))]
     if not pems or not all("-----BEGIN CERTIFICATE-----" in p for p in pems):
-        raise ValueError(f"secret {secret.namespace}/{secret.name} holds no PEM certificate (ca.crt)")
+        raise ManifestError(f"secret {secret.namespace}/{secret.name} holds no PEM certificate (ca.crt)")
     return "\n".join(pems)
 
 
-def _ref_name(spec: Mapping[str, Any], *path: str) -> str | None:
-    node: Any = spec
-    for p in path:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(p)
-    return node if isinstance(node, str) and node else None
+def _ref_name(parent: Mapping[str, Any], key: str, path: str) -> str | None:
+    """`secretRef: {name: x}` -> "x"; None when absent or empty. Only a name a Secret can have: it
+    ends up in problems, logs and error bodies."""
+    ref = _mapping(parent.get(key), f"{path}.{key}")
+    name = _string(ref.get("name"), f"{path}.{key}.name")
+    if name and not NAME_RE.match(name):
+        raise ManifestError(f"{path}.{key}.name {_short(name)} is not a valid Kubernetes name")
+    return name or None
+
+
+def _params(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """`[{name: repository, value: testing/busybox}]`; entries without a name are ignored, as before."""
+    params = []
+    for i, p in enumerate(_list(value, path, "a list of {name, value}")):
+        if not isinstance(p, Mapping):
+            raise ManifestError(f"{path}[{i}]: expected a mapping with name and value, got {_kind(p)}")
+        name = _string(p.get("name"), f"{path}[{i}].name")
+        if name:
+            params.append((name, _string(p.get("value"), f"{path}[{i}].value")))
+    return tuple(params)
+
+
+def _address_extensions(value: Any, path: str) -> tuple[str, ...]:
+    items = _list(value, path, "a list of addresses")
+    strings = (_string(item, f"{path}[{i}]") for i, item in enumerate(items))
+    return tuple(a for a in strings if a)  # empty entries are skipped, as before
 
 
 def parse_connector(doc: Mapping[str, Any], secrets: Mapping[str, Secret]) -> Connector:
-    """Build a Connector from its manifest; problems make it unusable rather than raising."""
+    """Build a Connector from its manifest; problems make it unusable rather than raising.
+
+    Only a manifest that cannot be understood (bad metadata, a field of the wrong type) raises,
+    and only ManifestError, naming the field: `spec.auth.params: expected a list of {name, value}, got int`.
+    """
     namespace, name = _metadata(doc)
-    spec = doc.get("spec") or {}
-    if not isinstance(spec, Mapping):
-        raise ManifestError(f"connector {namespace}/{name}: spec must be a mapping")
-    auth = spec.get("auth") or {}
-    auth = auth if isinstance(auth, Mapping) else {}
-    params = tuple(
-        (str(p.get("name")), str(p.get("value", "")))
-        for p in (auth.get("params") or [])
-        if isinstance(p, Mapping) and p.get("name")
-    )
+    where = f"connector {namespace}/{name}"
+    spec = _mapping(doc.get("spec"), f"{where}: spec")
+    auth = _mapping(spec.get("auth"), f"{where}: spec.auth")
     fields: dict[str, Any] = dict(
         namespace=namespace,
         name=name,
-        class_name=str(spec.get("connectorClassName") or ""),
-        raw_address=str(spec.get("address") or ""),
-        address_extensions=tuple(str(a) for a in spec.get("addressExtensions") or [] if a),
-        auth_name=str(auth.get("name") or ""),
-        params=params,
-        secret_name=_ref_name(auth, "secretRef", "name"),
-        ca_secret_name=_ref_name(spec, "caCertSecretRef", "name"),
+        class_name=_string(spec.get("connectorClassName"), f"{where}: spec.connectorClassName"),
+        raw_address=_string(spec.get("address"), f"{where}: spec.address"),
+        address_extensions=_address_extensions(spec.get("addressExtensions"), f"{where}: spec.addressExtensions"),
+        auth_name=_string(auth.get("name"), f"{where}: spec.auth.name"),
+        params=_params(auth.get("params"), f"{where}: spec.auth.params"),
+        secret_name=_ref_name(auth, "secretRef", f"{where}: spec.auth"),
+        ca_secret_name=_ref_name(spec, "caCertSecretRef", f"{where}: spec"),
         address=None,
     )
-    where = f"connector {namespace}/{name}"
 
     def unusable(reason: str, problem: str) -> Connector:
         return Connector(**fields, problem=problem, reason=reason)
 
     if fields["class_name"] != OCI_CLASS:
-        return unusable("UnsupportedClass", f"{where} has connectorClassName {fields['class_name']!r}, not {OCI_CLASS!r}")
+        return unusable("UnsupportedClass", f"{where} has connectorClassName {_short(fields['class_name'])}, not {OCI_CLASS!r}")
     try:
         fields["address"] = parse_address(fields["raw_address"])
     except ValueError as e:
@@ -334,27 +478,41 @@ def parse_connector(doc: Mapping[str, Any], secrets: Mapping[str, Secret]) -> Co
     return Connector(**fields, credentials=creds)
 
 
-def is_connector(doc: Mapping[str, Any]) -> bool:
-    return doc.get("kind") == CONNECTOR_KIND and str(doc.get("apiVersion", "")).startswith(CONNECTOR_API_GROUP + "/")
+def is_connector(doc: Any) -> bool:
+    if not isinstance(doc, Mapping):
+        return False
+    api_version = doc.get("apiVersion")
+    return (doc.get("kind") == CONNECTOR_KIND and isinstance(api_version, str)
+            and api_version.startswith(CONNECTOR_API_GROUP + "/"))
 
 
-def is_secret(doc: Mapping[str, Any]) -> bool:
-    return doc.get("kind") == "Secret" and doc.get("apiVersion", "v1") == "v1"
+def is_secret(doc: Any) -> bool:
+    return isinstance(doc, Mapping) and doc.get("kind") == "Secret" and doc.get("apiVersion", "v1") == "v1"
 
 
-def flatten(docs: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
-    """Yield manifests, expanding `kind: List` (what `kubectl get -o yaml` writes)."""
+def flatten(docs: Iterable[Any], _depth: int = 0) -> Iterable[Mapping[str, Any]]:
+    """Yield manifests, expanding `kind: List` (what `kubectl get -o yaml` writes).
+
+    Documents that are not mappings are skipped. A List whose `items` is not a list, or Lists
+    nested deeper than MAX_LIST_DEPTH (a recursive YAML alias), raise ManifestError.
+    """
     for doc in docs:
         if not isinstance(doc, Mapping):
             continue
-        if doc.get("kind") == "List" or str(doc.get("kind", "")).endswith("List") and "items" in doc:
-            yield from flatten(doc.get("items") or [])
+        kind = doc.get("kind")
+        if kind == "List" or isinstance(kind, str) and kind.endswith("List") and "items" in doc:
+            if _depth >= MAX_LIST_DEPTH:
+                raise ManifestError(f"{_short(kind)[1:-1]}.items: Lists nested more than {MAX_LIST_DEPTH} deep")
+            yield from flatten(_list(doc.get("items"), f"{_short(kind)[1:-1]}.items", "a list of manifests"), _depth + 1)
         else:
             yield doc
 
 
 def build_catalog(docs: Iterable[tuple[str, Mapping[str, Any]]]) -> Catalog:
-    """Build a Catalog from (source, manifest) pairs; source names where a manifest came from."""
+    """Build a Catalog from (source, manifest) pairs; source names where a manifest came from.
+
+    Never raises for any manifest: what cannot be understood is reported in `errors`.
+    """
     docs = list(docs)
     errors: list[str] = []
     secrets: dict[str, Secret] = {}

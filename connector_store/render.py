@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import quote, urlsplit
 
+from connector_store.addresses import DEFAULT_CLUSTER_DOMAIN, host_form_host
 from connector_store.model import OCI_CLASS, Connector
 
 AUTH_USER = "connector-proxy"  # the user half of config.json's auth; never checked by the proxy
@@ -67,7 +67,6 @@ RENDERABLE_FILES: tuple[str, ...] = (CONFIG_JSON, BUILDKITD_TOML, *BUILTIN_FILES
 
 NO_PROXY_BASE: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
-_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 class RenderError(ValueError):
@@ -83,6 +82,7 @@ class RenderRequest:
     `forward_proxy`: the forward listener, `host:port` or `http://host:port`; None: no proxy env files.
     `ca_pem`: the forward proxy's CA certificate (PEM); None: no `ca.crt`.
     `names`: the `configuration.names` string.
+    `cluster_domain`: the cluster's DNS domain, for host-form names.
     """
 
     connectors: Sequence[Connector]
@@ -91,6 +91,7 @@ class RenderRequest:
     proxy_url: str | None = None
     forward_proxy: str | None = None
     ca_pem: str | None = field(default=None, repr=False)
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "connectors", tuple(self.connectors))
@@ -160,28 +161,28 @@ def _proxy_origin(proxy_url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc.lower()
 
 
-def _host_form_host(connector: Connector) -> str:
-    """`c-<name>.<ns>.svc.cluster.local`; refused when `c-<name>` is no single DNS label (dots, length)."""
-    label = f"c-{connector.name}"
-    if not _LABEL_RE.match(label) or not _LABEL_RE.match(connector.namespace):
+def _host_form_host(connector: Connector, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """`c-<name>.<ns>.svc.<cluster domain>`; refused when `c-<name>` is no single DNS label (dots, length)."""
+    host = host_form_host(connector.name, connector.namespace, cluster_domain)
+    if host is None:
         raise RenderError(
-            f"connector {connector.key} cannot be addressed in host form ({label!r} is not a DNS label); "
+            f"connector {connector.key} cannot be addressed in host form ('c-{connector.name}' is not a DNS label); "
             "give a proxy URL to use the path form"
         )
-    return f"{label}.{connector.namespace}.svc.cluster.local"
+    return host
 
 
-def registry_host(connector: Connector, proxy_url: str | None = None) -> str:
+def registry_host(connector: Connector, proxy_url: str | None = None, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
     """The registry host[:port] clients use for this connector: the key of config.json and buildkitd.toml."""
-    return _proxy_origin(proxy_url)[1] if proxy_url else _host_form_host(connector)
+    return _proxy_origin(proxy_url)[1] if proxy_url else _host_form_host(connector, cluster_domain)
 
 
-def proxy_address(connector: Connector, proxy_url: str | None = None) -> str:
+def proxy_address(connector: Connector, proxy_url: str | None = None, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
     """The connector's proxy address, as its status advertises it: the path-form prefix on
     `proxy_url`, else on the in-cluster host-form host (where it works in both forms)."""
     path = f"/namespaces/{connector.namespace}/connectors/{connector.name}"
     if not proxy_url:
-        return f"http://{_host_form_host(connector)}{path}"
+        return f"http://{_host_form_host(connector, cluster_domain)}{path}"
     scheme, netloc = _proxy_origin(proxy_url)
     return f"{scheme}://{netloc}{path}"
 
@@ -191,11 +192,12 @@ def _distinct(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def _http_hosts(connectors: Sequence[Connector], proxy_url: str | None) -> tuple[str, ...]:
+def _http_hosts(connectors: Sequence[Connector], proxy_url: str | None,
+                cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> tuple[str, ...]:
     """The distinct proxy hosts that speak plain HTTP (every host-form host; a proxy URL only if http)."""
     if proxy_url and _proxy_origin(proxy_url)[0] != "http":
         return ()
-    return _distinct(registry_host(c, proxy_url) for c in connectors)
+    return _distinct(registry_host(c, proxy_url, cluster_domain) for c in connectors)
 
 
 def _hostname(netloc: str) -> str:
@@ -299,14 +301,14 @@ def _ca_certificate(pem: str) -> bytes:
 
 def _builtin_files(request: RenderRequest, connectors: Sequence[Connector], token: str) -> dict[str, bytes | str]:
     """Each built-in file's content, or a string saying which input it lacks."""
-    addresses = [proxy_address(c, request.proxy_url) for c in connectors]
+    addresses = [proxy_address(c, request.proxy_url, request.cluster_domain) for c in connectors]
     files: dict[str, bytes | str] = {
         CONTEXT_TOKEN: token.encode(),
         PROXY_ADDRESS_FILE: "\n".join(addresses).encode(),
     }
     if request.forward_proxy:
         proxy = forward_proxy_url(connectors, token, request.forward_proxy)
-        hosts = [_hostname(registry_host(c, request.proxy_url)) for c in connectors]
+        hosts = [_hostname(registry_host(c, request.proxy_url, request.cluster_domain)) for c in connectors]
         files[DOT_ENV] = render_env(proxy, [*NO_PROXY_BASE, *hosts])
         files[HTTP_PROXY_FILE] = files[HTTPS_PROXY_FILE] = proxy.encode()
     else:
@@ -329,8 +331,9 @@ def render(request: RenderRequest) -> dict[str, bytes]:
     connectors, token = _check_request(request)
     files: dict[str, bytes] = {}
     producers: Mapping[str, Callable[[], bytes]] = {
-        REGISTRY_CONFIG: lambda: render_config_json([registry_host(c, request.proxy_url) for c in connectors], token),
-        BUILDKITD: lambda: render_buildkitd_toml(_http_hosts(connectors, request.proxy_url)),
+        REGISTRY_CONFIG: lambda: render_config_json(
+            [registry_host(c, request.proxy_url, request.cluster_domain) for c in connectors], token),
+        BUILDKITD: lambda: render_buildkitd_toml(_http_hosts(connectors, request.proxy_url, request.cluster_domain)),
     }
     for name in names:
         if name in producers:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from connector_store.cli import add_source_arguments
+from connector_store.cli_args import add_cluster_domain, add_source_arguments
 from connector_store.files import DirectoryStore
 from connector_store.model import Connector, ManifestError, NAME_RE, NAMESPACE_RE, parse_connector
 from connector_store.render import RenderError, RenderRequest, render, write_files
@@ -26,9 +26,12 @@ logger = logging.getLogger("connector-proxy.render")
 WATCH_INTERVAL = 0.25  # seconds between checks of the token file; a rotation is seen well within 2 s
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="connector-proxy config render", description=__doc__.split("\n\n")[0])
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `config render` flags; on `p` when given (the launcher's subcommand), else a parser of its own."""
+    if p is None:
+        p = argparse.ArgumentParser(prog="connector-proxy config render", description=__doc__.split("\n\n")[0])
     add_source_arguments(p)
+    add_cluster_domain(p)
     p.add_argument("--use", required=True, metavar="NS/NAME[,NS/NAME]", help="the connectors to configure")
     p.add_argument("--names", default="", help="configuration.names, e.g. registry-config,buildkitd,!ca.crt")
     p.add_argument("--token-file", required=True, type=Path, help="the workload's token (e.g. a projected SA token)")
@@ -104,15 +107,20 @@ class ConnectorSource:
             raise RenderError(str(e)) from None
 
 
-def render_once(args: argparse.Namespace, source: ConnectorSource, previous: set[str]) -> set[str]:
-    token = args.token_file.read_text()
+def render_once(args: argparse.Namespace, source: ConnectorSource, previous: set[str]) -> tuple[set[str], tuple]:
+    """Render from the inputs as they are now; returns the files written and the fingerprint of
+    exactly the inputs used (the token bytes read, the connectors' signature taken before reading
+    them), so a rotation that lands during a render is seen by the next check."""
+    signature = source.signature()
+    token_bytes = args.token_file.read_bytes()
     ca_pem = args.ca_file.read_text() if args.ca_file else None
-    files = render(RenderRequest(source.connectors(), token, args.names, args.proxy_url, args.forward_proxy, ca_pem))
+    files = render(RenderRequest(source.connectors(), token_bytes.decode(), args.names, args.proxy_url,
+                                 args.forward_proxy, ca_pem, args.cluster_domain))
     written = set(write_files(args.out, files, mode=int(args.mode, 8)))
     for stale in previous - written:
         (args.out / stale).unlink(missing_ok=True)
     logger.info("rendered %s into %s", ", ".join(sorted(written)), args.out)
-    return written
+    return written, (hashlib.sha256(token_bytes).hexdigest(), signature)
 
 
 def _fingerprint(path: Path) -> str:
@@ -122,18 +130,18 @@ def _fingerprint(path: Path) -> str:
         return ""
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    if args is None:
+        args = build_parser().parse_args(argv)
     try:
         source = ConnectorSource(args)
-        written = render_once(args, source, set())
-    except (RenderError, OSError) as e:
+        written, seen = render_once(args, source, set())
+    except (RenderError, OSError, UnicodeDecodeError) as e:
         print(f"connector-proxy config render: {e}", file=sys.stderr)
         return 2
     if not args.watch:
         return 0
-    seen = (_fingerprint(args.token_file), source.signature())
     try:
         while True:
             time.sleep(WATCH_INTERVAL)  # polling the inputs: a projected token is swapped by symlink
@@ -141,9 +149,8 @@ def main(argv: list[str]) -> int:
             if current == seen:
                 continue
             try:
-                written = render_once(args, source, written)
-                seen = current
-            except (RenderError, OSError) as e:
+                written, seen = render_once(args, source, written)
+            except (RenderError, OSError, UnicodeDecodeError) as e:
                 logger.error("not re-rendered: %s", e)  # keep the last good files
                 seen = current
     except KeyboardInterrupt:

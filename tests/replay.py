@@ -61,7 +61,7 @@ from mitmproxy import http
 from mitmproxy import io as mitmio
 
 from addons.rewrite import BLOB_KEY, UPSTREAM_HEADERS_KEY
-from addons.routing import HOST_FORM_RE
+from connector_store.addresses import parse_host_form
 from addons.routing import METADATA_KEY as ROUTE_KEY
 from addons.upstream_auth import UPSTREAM_KEY
 
@@ -726,7 +726,7 @@ class _Driver:
         """(port, through the proxy) for a URL, or None when it points nowhere the replay serves."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
-        if parts.netloc == self.proxy_netloc or (HOST_FORM_RE.match(parts.netloc.lower()) and parts.port == self.world.proxy.port):
+        if parts.netloc == self.proxy_netloc or (parse_host_form(parts.netloc) is not None and parts.port == self.world.proxy.port):
             return self.world.proxy.port, True
         if host == "127.0.0.1" and any(origin_of(url) == o for o in self.up.map.values()):
             return parts.port or 80, False

@@ -263,3 +263,24 @@ def test_audiences_and_proxy_permissions(tmp_path):
         reviews = api.count("POST", "subjectaccessreviews")
         strict.authorize(strict.authenticate(minted), "default", "harbor")
         assert api.count("POST", "subjectaccessreviews") == reviews  # cached
+
+
+def test_status_conditions_carry_the_observed_generation(cluster):
+    obj = cluster.api.get_object(f"{GROUP}/v1alpha1", "connectors", "default", "harbor")
+    generation = obj["metadata"]["generation"]
+    cluster.proxy.wait_for(lambda: all(c.get("observedGeneration") == generation
+                                       for c in cluster.status("harbor").get("conditions", [{}])), SERVED_WITHIN * 3)
+
+
+def test_a_host_form_service_with_other_content_is_corrected(cluster):
+    """The `c-<name>` Service is created and kept right: one edited to point elsewhere is put back."""
+    api = cluster.api
+    cluster.proxy.wait_for(lambda: api.get_object("v1", "services", "default", "c-harbor") is not None, SERVED_WITHIN * 3)
+    svc = api.get_object("v1", "services", "default", "c-harbor")
+    wanted = svc["spec"]["externalName"]
+    svc["spec"]["externalName"] = "attacker.example.com"
+    api.put_object(svc)
+    cluster.proxy.wait_for(
+        lambda: (api.get_object("v1", "services", "default", "c-harbor") or {}).get("spec", {}).get("externalName") == wanted,
+        SERVED_WITHIN * 3)
+    assert wanted.endswith(".svc.cluster.local")
