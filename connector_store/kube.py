@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,8 +275,36 @@ class TtlCache:
             self._entries[key] = (value, self.clock() + ttl)
 
 
+class SingleFlight:
+    """Concurrent callers with the same key share one call (threads: the identity executor's).
+
+    Sixteen parallel first requests with one new ServiceAccount token make one TokenReview and
+    one SubjectAccessReview per connector, not sixteen. A failure is shared too (and not cached).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Any, Future] = {}
+
+    def do(self, key: Any, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            call = self._calls.get(key)
+            owner = call is None
+            if owner:
+                call = self._calls[key] = Future()
+        if owner:
+            try:
+                call.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to every waiter, raised below
+                call.set_exception(e)
+            finally:
+                with self._lock:
+                    del self._calls[key]
+        return call.result()
+
+
 class KubeIdentities:
-    """TokenReview + SubjectAccessReview, with short positive and negative caches."""
+    """TokenReview + SubjectAccessReview, with short positive and negative caches and single flight."""
 
     blocking = True  # calls the API server: run it off the event loop
 
@@ -296,13 +325,21 @@ class KubeIdentities:
         self.denied_ttl = denied_ttl
         self._users = TtlCache(clock)
         self._decisions = TtlCache(clock)
+        self._flights = SingleFlight()
 
     def authenticate(self, token: str):
         key = token_digest(token)
         hit, user = self._users.get(key)
         if not hit:
-            user = self._token_review(token)
-            self._users.put(key, user, self.allowed_ttl if user else self.denied_ttl)
+            def review():
+                hit, cached = self._users.get(key)  # another flight may have just finished
+                if hit:
+                    return cached
+                found = self._token_review(token)
+                self._users.put(key, found, self.allowed_ttl if found else self.denied_ttl)
+                return found
+
+            user = self._flights.do(("user", key), review)
         return Identity(user.username, kube=user) if user else None
 
     def _token_review(self, token: str) -> KubeUser | None:
@@ -321,10 +358,17 @@ class KubeIdentities:
         key = (user, namespace, name)
         hit, allowed = self._decisions.get(key)
         if not hit:
-            allowed = self._access(user, namespace, name, "") and (
-                not self.proxy_permissions or self._access(user, namespace, name, "proxy")
-            )
-            self._decisions.put(key, allowed, self.allowed_ttl if allowed else self.denied_ttl)
+            def decide():
+                hit, cached = self._decisions.get(key)
+                if hit:
+                    return cached
+                decision = self._access(user, namespace, name, "") and (
+                    not self.proxy_permissions or self._access(user, namespace, name, "proxy")
+                )
+                self._decisions.put(key, decision, self.allowed_ttl if decision else self.denied_ttl)
+                return decision
+
+            allowed = self._flights.do(("decision", key), decide)
         return allowed
 
     def _access(self, user: KubeUser, namespace: str, name: str, subresource: str) -> bool:

@@ -173,6 +173,8 @@ def parse_address(url: str) -> Address:
         port = parts.port
     except ValueError:
         raise ManifestError("address has an invalid port") from None
+    if port == 0:
+        raise ManifestError("address has an invalid port (0)")
     if not _PRINTABLE_ASCII_RE.fullmatch(parts.path):
         raise ManifestError("address path must be printable ASCII without spaces (percent-encode the rest)")
     prefix = parts.path.rstrip("/")
@@ -181,7 +183,7 @@ def parse_address(url: str) -> Address:
     return Address(
         scheme=parts.scheme,  # type: ignore[arg-type]
         host=host,
-        port=port or (443 if parts.scheme == "https" else 80),
+        port=port if port is not None else (443 if parts.scheme == "https" else 80),
         path_prefix=prefix,
     )
 

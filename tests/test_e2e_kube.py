@@ -284,3 +284,18 @@ def test_a_host_form_service_with_other_content_is_corrected(cluster):
         lambda: (api.get_object("v1", "services", "default", "c-harbor") or {}).get("spec", {}).get("externalName") == wanted,
         SERVED_WITHIN * 3)
     assert wanted.endswith(".svc.cluster.local")
+
+
+def test_sixteen_concurrent_first_requests_with_one_token_make_one_review_each(cluster):
+    """The identity cache has single flight: one TokenReview, one SubjectAccessReview per connector."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = cluster.api
+    token = api.add_service_account_token("ci", "burst")
+    api.allow("system:serviceaccount:ci:burst", "get", GROUP, "connectors", "default", "*")
+    before = api.count("POST", "tokenreviews"), api.count("POST", "subjectaccessreviews")
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: manifest_status(cluster, "harbor", token), range(16)))
+    assert all(s in (200, 404) for s in statuses), statuses
+    after = api.count("POST", "tokenreviews"), api.count("POST", "subjectaccessreviews")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (before, after)
