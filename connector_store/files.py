@@ -66,6 +66,8 @@ class DirectoryStore:
         self.catalog = Catalog()
         self.synced = False
         self._signature: tuple | None = None
+        # file name -> ((size, mtime), manifests, problem): what was parsed, reused until it changes
+        self._parsed: dict[str, tuple[tuple, list, str | None]] = {}
         self._lock = threading.Lock()
 
     def _files(self) -> list[Path]:
@@ -85,7 +87,12 @@ class DirectoryStore:
         return tuple(sig)
 
     def refresh(self) -> bool:
-        """Reload if the directory changed. Returns True when a new catalog was loaded."""
+        """Reload if the directory changed. Returns True when a new catalog was loaded.
+
+        Only files added or changed since the last reload are read and parsed again (a directory
+        of 5,000 connectors does not re-parse 5,000 files for one edit), and only what changed is
+        logged.
+        """
         with self._lock:
             try:
                 signature = self.signature()
@@ -94,25 +101,40 @@ class DirectoryStore:
                 return False
             if signature == self._signature:
                 return False
-            docs = []
-            read_errors = []
-            for path in self._files():
+            parsed: dict[str, tuple[tuple, list, str | None]] = {}
+            for name, size, mtime in signature:
+                cached = self._parsed.get(name)
+                if cached is not None and cached[0] == (size, mtime):
+                    parsed[name] = cached
+                    continue
                 try:
-                    docs.extend((path.name, d) for d in parse_manifests(path.read_bytes()))
+                    docs = parse_manifests((self.directory / name).read_bytes())
+                    parsed[name] = ((size, mtime), docs, None)
                 except (OSError, ManifestError) as e:
-                    read_errors.append(f"{path.name}: cannot read: {e}")
+                    parsed[name] = ((size, mtime), [], f"{name}: cannot read: {e}")
+            docs = [(name, d) for name, (_, file_docs, _) in parsed.items() for d in file_docs]
+            read_errors = tuple(err for _, _, err in parsed.values() if err)
             catalog = build_catalog(docs)
-            self.catalog = Catalog(catalog.connectors, tuple(read_errors) + catalog.errors)
+            before = self.catalog
+            self.catalog = Catalog(catalog.connectors, read_errors + catalog.errors)
+            self._parsed = parsed
             self._signature = signature
             self.synced = True
-        self._report()
+        self._report(before)
         return True
 
-    def _report(self) -> None:
+    def _report(self, before: Catalog) -> None:
+        """Log what changed: new problems, connectors added, changed or removed."""
+        known = set(before.errors)
         for error in self.catalog.errors:
-            logger.warning("manifest skipped: %s", error)
-        for c in self.catalog.connectors.values():
+            if error not in known:
+                logger.warning("manifest skipped: %s", error)
+        for key, c in self.catalog.connectors.items():
+            if before.connectors.get(key) == c:
+                continue
             if c.usable:
                 logger.info("connector %s ready: %s", c.key, c.address)
             else:
                 logger.warning("connector %s not usable: %s", c.key, c.problem)
+        for key in before.connectors.keys() - self.catalog.connectors.keys():
+            logger.info("connector %s removed", key)
