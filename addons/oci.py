@@ -1,7 +1,8 @@
 """Pure OCI distribution protocol helpers: challenges, API paths, scopes, JSON errors.
 
-Nothing here knows about mitmproxy flows except `error_response`, which builds a mitmproxy
-Response; everything else is plain data in, plain data out, so tests drive it directly.
+Nothing here knows about mitmproxy flows except the response builders (`refusal`, `frame`,
+`error_response`, `ping_response`), which import mitmproxy when called, so the parsing half can be
+used without it (addons/registry_client.py); everything else is plain data in, plain data out, so tests drive it directly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from mitmproxy import http
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # building responses needs mitmproxy; parsing does not (registry_client.py)
+    from mitmproxy import http
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -289,6 +293,8 @@ def error_response(
     status: int, code: str, message: str, detail: object = None, headers: dict[str, str] | None = None
 ) -> http.Response:
     """A response in the registry's JSON error format, which every registry client understands."""
+    from mitmproxy import http
+
     all_headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
     all_headers.update(headers or {})
     return http.Response.make(status, error_body(code, message, detail), all_headers)
@@ -308,6 +314,8 @@ def refusal(
     GET would have had, as a registry does. `forward`: an answer of the forward proxy, not of a
     registry (no registry API header).
     """
+    from mitmproxy import http
+
     all_headers = {"Content-Type": "application/json"}
     if not forward:
         all_headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
@@ -332,6 +340,8 @@ def frame(request: http.Request, response: http.Response) -> http.Response:
 
 def ping_response() -> http.Response:
     """`200 {}` for `GET /v2/`: the client is authenticated and may go on."""
+    from mitmproxy import http
+
     return http.Response.make(
         200, b"{}", {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
     )

@@ -106,7 +106,10 @@ class OutOfBandRecorder:
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
 
-    def observe(self, exchange: Exchange) -> None:
+    def observe(self, kind: str, method: str, url: str, request_headers: dict[str, str], status: int,
+                response_headers: list[tuple[str, str]], body: bytes) -> None:
+        """The registry client's observer: redacts on the calling thread, records on the event loop."""
+        exchange = make_exchange(kind, method, url, request_headers, status, response_headers, body)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._record, exchange)
 

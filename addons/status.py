@@ -23,7 +23,7 @@ from mitmproxy import ctx
 
 from addons.store import ConnectorStore
 from connector_store.addresses import DEFAULT_CLUSTER_DOMAIN, host_form_host, service_host
-from addons.upstream_auth import RegistryClient, UpstreamError, basic_header
+from addons.registry_client import RegistryClient, UpstreamError, basic_header
 from connector_store.model import CONNECTOR_API_GROUP, Connector
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,9 @@ class ConnectorStatus:
             self._thread = threading.Thread(
                 target=self._run, name="connector-status", daemon=True,
                 args=(backend, opts.status_interval, opts.proxy_namespace, opts.proxy_service, opts.external_url,
-                      opts.host_services, RegistryClient(opts.upstream_timeout, opts.ssl_insecure, opts.ssl_verify_upstream_trusted_ca),
+                      opts.host_services, RegistryClient(opts.upstream_timeout, opts.ssl_insecure,
+                                                         opts.ssl_verify_upstream_trusted_ca,
+                                                         ca_path=opts.ssl_verify_upstream_trusted_confdir),
                       opts.cluster_domain),
             )
             self._thread.start()

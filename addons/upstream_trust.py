@@ -63,7 +63,6 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 
-import certifi
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addons.tlsconfig import _default_ciphers
 from mitmproxy.net import tls as net_tls
@@ -73,64 +72,21 @@ from addons import oci
 from addons.gate import fail_closed, is_forward
 from addons.routing import Route
 from addons.store import ConnectorStore
-from addons.upstream_auth import SingleFlightCache
+from addons.registry_client import (
+    PREFLIGHT_TTL,
+    SingleFlightCache,
+    base_cafile,
+    registry_ssl_context,
+    tls_preflight,
+    trust_key,
+)
 
 logger = logging.getLogger(__name__)
-
-# curl's verification flags (lib/vtls/openssl.c): trusted-first and partial chains; never X509_STRICT,
-# which is what makes strict verifiers refuse certificates that curl, Go clients and browsers accept.
-VERIFY_FLAGS = ssl.VERIFY_X509_TRUSTED_FIRST | ssl.VERIFY_X509_PARTIAL_CHAIN
-PREFLIGHT_TTL = 300.0  # seconds a successful preflight is trusted (mitmproxy still verifies every connection)
-
-
-# ---------------------------------------------------------------- pure: the trust and its checks
-
-
-def trust_key(ca_pem: str | None) -> str:
-    """Identifies a trust besides the base: flows with equal keys decide every certificate alike."""
-    return hashlib.sha256((ca_pem or "").encode()).hexdigest()
-
-
-def base_cafile(option_cafile: str | None, option_capath: str | None) -> str | None:
-    """The base CA file, as mitmproxy picks it: the option, else certifi unless only a directory is set."""
-    if option_cafile:
-        return option_cafile
-    return None if option_capath else certifi.where()
-
-
-def registry_ssl_context(ca_pem: str | None, base_cafile_option: str | None, insecure: bool,
-                         base_capath: str | None = None) -> ssl.SSLContext:
-    """The Python `ssl` context for the challenge probe, token fetches and the TLS preflight.
-
-    `base_cafile_option`: `ssl_verify_upstream_trusted_ca` (None: certifi, like mitmproxy);
-    `base_capath`: `ssl_verify_upstream_trusted_confdir`; `ca_pem`: the connector's CA or None.
-    Decides like mitmproxy's data path here and like curl: see the module docstring.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    cafile = base_cafile(base_cafile_option, base_capath)
-    context.load_verify_locations(cafile=cafile, capath=base_capath)
-    if ca_pem:
-        context.load_verify_locations(cadata=ca_pem)
-    context.verify_flags = VERIFY_FLAGS  # set, not or-ed: no X509_STRICT whatever Python's default
-    context.hostname_checks_common_name = False
-    return context
-
 
 def current_trusted_confdir() -> str | None:
     """`ssl_verify_upstream_trusted_confdir` when running inside mitmproxy, else None."""
     options = getattr(ctx, "options", None)
     return getattr(options, "ssl_verify_upstream_trusted_confdir", None) if options is not None else None
-
-
-def tls_preflight(host: str, port: int, context: ssl.SSLContext, timeout: float) -> None:
-    """One TLS handshake with `host:port`, verified by `context`; raises what the handshake raises."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        with context.wrap_socket(sock, server_hostname=host):
-            pass
 
 
 def chain_verifies(chain: list, trust_file: str | None, capath: str | None) -> str | None:

@@ -34,7 +34,7 @@ from replay import (
 )
 
 from addons.oci import parse_realm
-from addons.upstream_auth import realm_refusal
+from addons.registry_client import realm_refusal
 from connector_store.model import parse_address
 
 FLOWS = flow_files()

@@ -1,4 +1,4 @@
-"""Unit tests for the pure parts of addons/upstream_auth.py: realm safety, token lifetime, single flight."""
+"""Unit tests for the registry client (addons/registry_client.py, pure): realm safety, token lifetime, single flight."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from addons.oci import RealmError, parse_realm
-from addons.upstream_auth import (
+from addons.registry_client import (
     SingleFlightCache,
     TokenResponseError,
     basic_header,
@@ -443,3 +443,12 @@ def test_the_token_cache_is_bounded():
     asyncio.run(fill())
     assert len(cache) == 3
     assert cache.peek(("k", 9)) == 9 and cache.peek(("k", 0)) is None
+
+
+def test_the_registry_client_runs_without_mitmproxy():
+    """The status writer and any tool can talk to registries without loading mitmproxy."""
+    import subprocess
+    import sys
+
+    code = "import sys, addons.registry_client; sys.exit('mitmproxy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(__import__("pathlib").Path(__file__).parent.parent)).returncode == 0

@@ -16,7 +16,7 @@ Contracts (what each property checks):
   addons.oci.parse_www_authenticate, addons.oci.required_scopes (for a parsed path), addons.oci.has_body,
   addons.routing.parse_host_form, addons.routing.translate_mount_query, addons.rewrite.rewrite_url and
   rewrite_link never raise; addons.oci.parse_realm raises only RealmError, addons.oci.parse_api_path
-  and addons.routing.route_request only ProtocolError, addons.upstream_auth.parse_token_response only
+  and addons.routing.route_request only ProtocolError, addons.registry_client.parse_token_response only
   TokenResponseError.
 
 The addons are imported inside each property, so one module that does not import fails only its own
@@ -669,11 +669,11 @@ TOKEN_BODY = st.one_of(
 @example([b'{"token":"t","expires_in":' + b"9" * 400 + b"}", b'{"token":"t","expires_in":' + b"9" * 5000 + b"}"])
 @example([b"[" * 100_000, b"\xff", b'{"token":"\\ud800"}', b'{"token":"a\\nb"}', b'{"token":7}', b"null"])
 def test_parse_token_response_raises_only_token_response_error(bodies):
-    parse = addon("upstream_auth", "parse_token_response")
-    token_error = addon("upstream_auth", "TokenResponseError")
+    parse = addon("registry_client", "parse_token_response")
+    token_error = addon("registry_client", "TokenResponseError")
     for body in bodies:
         try:
-            token, expires_in = call("upstream_auth.parse_token_response", parse, body)
+            token, expires_in = call("registry_client.parse_token_response", parse, body)
         except token_error as e:
             assert str(e)
             continue

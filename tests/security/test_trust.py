@@ -23,12 +23,8 @@ import pytest
 from OpenSSL import SSL
 
 from addons.routing import Route
-from addons.upstream_trust import (
-    AMBIGUOUS,
-    UpstreamTrust,
-    registry_ssl_context,
-    tls_preflight,
-)
+from addons.registry_client import registry_ssl_context, tls_preflight
+from addons.upstream_trust import AMBIGUOUS, UpstreamTrust
 from connector_store.model import Connector, parse_address
 from localregistry import TestCA, check_test_hosts
 from localregistry.tlsca import self_signed_certificate
