@@ -1,6 +1,6 @@
 """The script plain mitmdump and mitmweb load: the OCI Connector Proxy's addon chain (addons/chain.py).
 
-    mitmdump -s addons/connector_proxy.py --mode reverse:http://127.0.0.1:9@8080 \
+    mitmdump -s addons/connector_proxy.py --mode reverse:http://connector-proxy.invalid@8080 \
         --set keep_host_header=true --set connection_strategy=lazy \
         --set connectors_dir=manifests/examples --set client_tokens=tokens.yaml
 

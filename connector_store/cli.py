@@ -24,9 +24,11 @@ from pathlib import Path
 from connector_store import render_cli
 from connector_store.cli_args import add_cluster_domain, add_source_arguments, parse_listen
 
-# Reverse mode needs an upstream; every routed request is retargeted to its connector, so this
-# placeholder is never contacted (connection_strategy=lazy connects only when a request goes out).
-PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
+# Reverse mode needs an upstream; every routed request is retargeted to its connector, and the gate
+# refuses anything else, so this is never contacted. It is named for what it is (it shows in the
+# startup line and in the flow lines of answers the proxy makes itself), and `.invalid` never
+# resolves (RFC 2606), should anything ever try.
+PLACEHOLDER_UPSTREAM = "http://connector-proxy.invalid"
 
 
 COMMANDS = ("serve", "config")

@@ -417,3 +417,14 @@ def test_connector_removed_from_store_becomes_404(env, tmp_path):
     assert env.store.backend.refresh()
     f = run(env, HARBOR_MANIFEST, basic("x", ALICE))
     assert f.response.status_code == 404
+
+
+def test_before_the_first_sync_an_allowed_caller_gets_503_not_404(env):
+    """A Kubernetes store that has not listed yet knows no connector: saying 404 would be a lie."""
+    env.store.backend.synced = False
+    try:
+        f = run(env, HARBOR_MANIFEST, basic("x", ALICE))
+        assert f.response.status_code == 503
+        assert "not loaded yet" in error_of(f)["message"]
+    finally:
+        env.store.backend.synced = True

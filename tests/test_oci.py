@@ -7,7 +7,7 @@ import json
 import pytest
 
 from addons import oci
-from addons.oci import ApiPath, Challenge, ProtocolError
+from addons.oci import ApiPath, Challenge, ProtocolError, parse_api_path
 
 DIGEST = "sha256:" + "a" * 64
 OTHER_DIGEST = "sha256:" + "b" * 64
@@ -408,3 +408,12 @@ def test_ping_response():
     assert resp.status_code == 200
     assert json.loads(resp.content) == {}
     assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_digests_have_a_length_cap():
+    """A 70,000-character reference used to reach the registry (which answers 500)."""
+    huge = "sha256:" + "a" * 70_000
+    for path in (f"/v2/a/blobs/{huge}", f"/v2/a/manifests/{huge}"):
+        with pytest.raises(ProtocolError):
+            parse_api_path(path)
+    assert parse_api_path("/v2/a/blobs/sha256:" + "a" * 64).reference == "sha256:" + "a" * 64
