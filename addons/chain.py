@@ -11,6 +11,7 @@ chain as a script for plain `mitmdump -s` / `mitmweb -s`.
 
 from __future__ import annotations
 
+from addons.audit import AuditLog
 from addons.client_auth import ClientAuth
 from addons.client_config import ClientConfig
 from addons.forward import ForwardProxy
@@ -19,6 +20,7 @@ from addons.health import Health
 from addons.lifecycle import GracefulShutdown
 from addons.listener import HeaderTimeout, HttpFraming, PlainHttpListener
 from addons.record import OutOfBandRecorder
+from addons.policy import PolicyEnforcer
 from addons.rewrite import Rewrite
 from addons.routing import Routing
 from addons.scrub import Scrub
@@ -49,10 +51,12 @@ def make_addons() -> list:
         ForwardProxy(store, client_auth),
         Routing(),
         client_auth,
+        PolicyEnforcer(store),
         upstream,
         UpstreamTrust(store),
         Rewrite(),
         scrub,
         recorder,
+        AuditLog(gate),
         HttpFraming(),
     ]

@@ -30,6 +30,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons import oci
 from addons.gate import Gate, Verdict, describe_exception, fail_closed
+from addons.policy import POLICY_KEY, policy_decision
 from addons.proxy_token import DEFAULT_LIFETIME, SHARED_SERVICE, ProxyTokens, parse_scope, read_key
 from addons.routing import Route
 from addons.store import ConnectorStore
@@ -291,6 +292,14 @@ class ClientAuth:
             for s in needed
         )
         if not granted:
+            connector = self.store.get(route.namespace, route.name) if claims.connector == route.connector else None
+            decision = policy_decision(connector, claims.subject, flow.request.method, route.path)
+            if decision is not None and not decision.allowed:
+                # The token lacks it because the connector's policy does: asking again won't help.
+                flow.metadata[POLICY_KEY] = {"decision": "denied", "rule": decision.reason}
+                dataclasses.replace(route, subject=claims.subject).store(flow)  # who was refused, for the audit
+                flow.response = oci.refusal(flow.request, 403, "DENIED", f"connector {route.connector} policy: {decision.reason}")
+                return
             flow.response = self.refuse(flow.request, Refusal(401, "UNAUTHORIZED", f"the token does not grant {' '.join(needed) or 'this request'}"),
                                         route, error="insufficient_scope")
             return

@@ -55,7 +55,8 @@ def rewrite_link(value: str, request_url: str, upstream: Address, route: Route) 
 
 SMALL_BODY = 1024 * 1024  # manifests, indexes, tag lists, errors: kept whole (and recorded with -w)
 UPSTREAM_HEADERS_KEY = "connector_proxy_upstream_headers"  # flow.metadata: Location/Link before rewriting
-BLOB_KEY = "connector_proxy_blob"  # flow.metadata: size and digest of a streamed body (recordings keep no blob)
+BLOB_KEY = "connector_proxy_blob"
+HOLD_KEY = "connector_proxy_policy"  # the policy addon's metadata: {"hold": True} keeps a body whole  # flow.metadata: size and digest of a streamed body (recordings keep no blob)
 
 
 def is_small_document(headers, max_size: int = SMALL_BODY) -> bool:
@@ -81,6 +82,8 @@ def stream_response(flow: http.HTTPFlow) -> bool:
     assert flow.response is not None
     if flow.response.status_code == 401:
         return False
+    if flow.metadata.get(HOLD_KEY, {}).get("hold"):
+        return False  # the policy addon filters it (a catalog), bounded by its own cap
     if flow.response.status_code >= 400:
         return not is_small_document(flow.response.headers)
     route = Route.of(flow)

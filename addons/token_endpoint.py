@@ -110,6 +110,16 @@ class TokenEndpoint:
             # so each repository asked for is granted every action the caller may take there:
             # clients such as oras-py reuse a pull token for the push that follows.
             access = [Access(a.type, a.name, CONNECTOR_ACTIONS) if a.type == "repository" else a for a in access]
+            policy = result.connectors[0].policy if result.connectors else None
+            if policy is not None and ref is not None:  # ... that the connector's policy leaves them
+                prefix = f"namespaces/{ref[0]}/connectors/{ref[1]}/"  # path-form names -> the registry's
+
+                def allowed(a: Access) -> tuple[str, ...]:
+                    repo = a.name[len(prefix):] if a.name.startswith(prefix) else a.name
+                    return tuple(x for x in a.actions if x in policy.allowed_actions(subject, repo))
+
+                access = [Access(a.type, a.name, allowed(a)) if a.type == "repository" else a for a in access]
+                access = [a for a in access if a.actions]
         connector = f"{ref[0]}/{ref[1]}" if ref else ""
         if not connector:
             access = []  # a token for the shared ping opens no repository

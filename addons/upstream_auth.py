@@ -23,6 +23,7 @@ from mitmproxy import ctx, http
 from addons import oci
 from addons.client_auth import CHALLENGE, ClientAuth
 from addons.gate import fail_closed
+from addons.policy import allowed_scopes
 from addons.record import OutOfBandRecorder
 from addons.registry_client import (
     RegistryClient,
@@ -154,7 +155,9 @@ class UpstreamCredentials:
         retarget(flow.request, route, connector.address)
         dataclasses.replace(route, upstream=str(connector.address)).store(flow)
         query = flow.request.path.partition("?")[2]
-        scopes = oci.required_scopes(flow.request.method, oci.parse_api_path(route.path), query)
+        # Narrowed to the connector's policy: even the upstream token cannot exceed it.
+        scopes = allowed_scopes(connector.policy, route.subject,
+                                oci.required_scopes(flow.request.method, oci.parse_api_path(route.path), query))
         flow.metadata[UPSTREAM_KEY] = {"scopes": list(scopes), "retry": False, "has_body": oci.has_body(flow.request)}
         try:
             header = await self.authorization(connector, scopes)

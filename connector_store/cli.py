@@ -73,6 +73,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the forward proxy as workloads reach it, for rendered .env/*.proxy (default: --forward-listen)")
     p.add_argument("--refuse-unknown-hosts", action="store_true",
                    help="forward mode: refuse destinations that are no connector's address instead of tunnelling them")
+    p.add_argument("--audit-log", metavar="FILE", help="one JSON line per client request to FILE ('-': stdout)")
     p.add_argument("--web", action="store_true", help="run mitmweb (the interactive debugger) instead of mitmdump")
     p.add_argument("--flow-detail", type=int, default=1, help="mitmdump flow log detail (0-4, default 1: one line per request)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra mitmproxy arguments")
@@ -121,6 +122,8 @@ def mitmproxy_args(ns: argparse.Namespace) -> list[str]:
         args += ["--set", f"kubeconfig={Path(ns.kubeconfig).resolve()}"]
     if ns.cluster_domain:
         args += ["--set", f"cluster_domain={ns.cluster_domain}"]
+    if ns.audit_log:
+        args += ["--set", f"audit_log={ns.audit_log if ns.audit_log == '-' else Path(ns.audit_log).resolve()}"]
     if ns.external_url:
         args += ["--set", f"external_url={ns.external_url}"]
     if ns.client_tokens:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from connector_store.policy import POLICY_ANNOTATION, Policy, PolicyError, policy_from_annotations
+
 CONNECTOR_API_GROUP = "connectors.alauda.io"
 CONNECTOR_KIND = "Connector"
 OCI_CLASS = "oci"
@@ -240,6 +242,7 @@ class Connector:
     ca_pem: str | None = field(default=None, repr=False)
     problem: str | None = None  # why the connector is not usable; None when it is
     reason: str = ""  # the problem as a CamelCase condition reason (SecretNotFound, InvalidAddress, ...)
+    policy: Policy | None = None  # repositories and actions it serves (connector_store/policy.py); None: all
 
     @property
     def key(self) -> str:
@@ -454,6 +457,10 @@ def parse_connector(doc: Mapping[str, Any], secrets: Mapping[str, Secret]) -> Co
     def unusable(reason: str, problem: str) -> Connector:
         return Connector(**fields, problem=problem, reason=reason)
 
+    try:
+        fields["policy"] = policy_from_annotations((doc.get("metadata") or {}).get("annotations"))
+    except PolicyError as e:
+        return unusable("PolicyInvalid", f"{where}: annotation {POLICY_ANNOTATION}: {e}")
     if fields["class_name"] != OCI_CLASS:
         return unusable("UnsupportedClass", f"{where} has connectorClassName {_short(fields['class_name'])}, not {OCI_CLASS!r}")
     try:

@@ -246,3 +246,24 @@ def test_a_streamed_upload_asked_over_http2_goes_through_whole(fwd, tmp_path):
     assert put.stdout.split(" ")[0] == "201", put
     head = subprocess.run([*curl, "-I", f"{base}/blobs/{digest}"], env=env, capture_output=True, text=True, timeout=60)
     assert head.stdout.split(" ")[0] == "200", head
+
+
+def test_a_connector_policy_holds_in_forward_mode(fwd, tmp_path):
+    """The same policy enforcement with the registry's own names: push to fwd/* only."""
+    import yaml as _yaml
+
+    policed = connector("default", "fpoliced", fwd.reg_a.url, "a-secret")
+    policed["metadata"]["annotations"] = {"connectors.alauda.io/policy": "- repositories: ['fwd/*']\n  actions: [pull, push]\n"}
+    (fwd.tmp / "connectors" / "policed.yaml").write_text(_yaml.safe_dump(policed))
+    env = fwd.env("default/fpoliced")
+    curl = ["curl", "-sS", "--cacert", str(fwd.ca_dir / "ca.crt"), "-o", "-", "-w", "\n%{http_code}", "-X", "POST"]
+
+    def post(repo: str) -> tuple[str, str]:
+        out = subprocess.run([*curl, f"https://{fwd.reg_a.host}/v2/{repo}/blobs/uploads/"], env=env,
+                             capture_output=True, text=True, timeout=60).stdout
+        body, _, status = out.rpartition("\n")
+        return status, body
+
+    fwd.proxy.wait_for(lambda: post("fwd/ok")[0] == "202", 5)  # the new connector file is picked up
+    status, body = post("elsewhere/x")
+    assert status == "403" and "policy" in body and "elsewhere/x" in body, (status, body)
