@@ -93,11 +93,11 @@ def fail_closed(fn: Callable | None = None, *, credentials: bool = False):
     def wrap(hook: Callable):
         name = hook.__name__
 
-        def subject_flow(args):
-            for a in args:
-                if isinstance(a, (http.HTTPFlow, tcp.TCPFlow)):
-                    return a
-            return None
+        def refuse(args, e: Exception) -> None:
+            flow = next((a for a in args if isinstance(a, (http.HTTPFlow, tcp.TCPFlow))), None)
+            if flow is None:  # not a flow hook (configure, running ...): mitmproxy's own handling
+                raise e
+            refuse_after_error(flow, name, e, credentials)
 
         if inspect.iscoroutinefunction(hook):
             @functools.wraps(hook)
@@ -105,10 +105,7 @@ def fail_closed(fn: Callable | None = None, *, credentials: bool = False):
                 try:
                     return await hook(*args, **kwargs)
                 except Exception as e:
-                    flow = subject_flow(args)
-                    if flow is None:
-                        raise
-                    refuse_after_error(flow, name, e, credentials)
+                    refuse(args, e)
             return guarded_async
 
         @functools.wraps(hook)
@@ -116,10 +113,7 @@ def fail_closed(fn: Callable | None = None, *, credentials: bool = False):
             try:
                 return hook(*args, **kwargs)
             except Exception as e:
-                flow = subject_flow(args)
-                if flow is None:
-                    raise
-                refuse_after_error(flow, name, e, credentials)
+                refuse(args, e)
         return guarded
 
     return wrap(fn) if fn is not None else wrap

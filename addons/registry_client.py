@@ -95,7 +95,6 @@ class UpstreamError(Exception):
         self.code = code
 
 
-
 @dataclass(frozen=True)
 class UpstreamChallenge:
     kind: Literal["bearer", "basic", "none"]
