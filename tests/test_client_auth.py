@@ -428,3 +428,30 @@ def test_before_the_first_sync_an_allowed_caller_gets_503_not_404(env):
         assert "not loaded yet" in error_of(f)["message"]
     finally:
         env.store.backend.synced = True
+
+
+def test_an_identity_backend_outage_is_a_json_503_everywhere_config_endpoint_included(env):
+    """The API server away: registry requests and `/.connectors/config` answer the same JSON 503."""
+    from addons.client_config import ClientConfig
+    from addons.scrub import LateSecrets
+
+    class Down:
+        blocking = False
+
+        def authenticate(self, token):
+            raise ConnectionError("api server unreachable")
+
+        def authorize(self, identity, namespace, name):
+            raise ConnectionError("api server unreachable")
+
+    env.backend = Down()
+    f = run(env, HARBOR_MANIFEST, basic("x", ALICE))
+    assert f.response.status_code == 503 and error_of(f)["code"] == "UNAVAILABLE"
+    config = ClientConfig(env.store, env, LateSecrets())
+    g = reverse_tflow()
+    g.request.path = "/.connectors/config?use=default/harbor&names=registry-config"
+    g.request.headers["Authorization"] = basic("x", ALICE)
+    asyncio.run(config.requestheaders(g))
+    assert g.response.status_code == 503
+    assert json.loads(g.response.content)["errors"][0]["code"] == "UNAVAILABLE"
+    assert ALICE not in g.response.content.decode()
