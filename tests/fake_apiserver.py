@@ -1403,7 +1403,16 @@ class FakeApiServer:
     def wait_for_watches(self, n: int = 1, kind_or_resource: str | None = None, timeout: float = 5.0) -> bool:
         """Wait until at least ``n`` watch streams (of that resource, if given) are established."""
         rt = self.store.resolve(None, kind_or_resource) if kind_or_resource else None
-        return self.store.wait_for_watchers(n, rt, timeout)
+        deadline = time.monotonic() + timeout
+        if not self.store.wait_for_watchers(n, rt, timeout):
+            return False
+        # The store registers a watcher a moment before its session exists (what
+        # disconnect_watches ends): wait for that too, or a disconnect right after can miss it.
+        while self.open_watches < n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)  # bounded by the deadline
+        return True
 
     def wait_for_no_watches(self, timeout: float = 5.0) -> bool:
         """Wait until no watch stream is open (e.g. after a client stopped its Watch)."""
