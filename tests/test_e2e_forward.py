@@ -256,14 +256,28 @@ def test_a_connector_policy_holds_in_forward_mode(fwd, tmp_path):
     policed["metadata"]["annotations"] = {"connectors.alauda.io/policy": "- repositories: ['fwd/*']\n  actions: [pull, push]\n"}
     (fwd.tmp / "connectors" / "policed.yaml").write_text(_yaml.safe_dump(policed))
     env = fwd.env("default/fpoliced")
-    curl = ["curl", "-sS", "--cacert", str(fwd.ca_dir / "ca.crt"), "-o", "-", "-w", "\n%{http_code}", "-X", "POST"]
 
-    def post(repo: str) -> tuple[str, str]:
-        out = subprocess.run([*curl, f"https://{fwd.reg_a.host}/v2/{repo}/blobs/uploads/"], env=env,
+    def call(method: str, path: str) -> tuple[str, str]:
+        verb = ["-I"] if method == "HEAD" else ["-X", method]  # curl -X HEAD would wait for a body
+        out = subprocess.run(["curl", "-sS", "--cacert", str(fwd.ca_dir / "ca.crt"), "-o", "-", "-w", "\n%{http_code}",
+                              *verb, f"https://{fwd.reg_a.host}{path}"], env=env,
                              capture_output=True, text=True, timeout=60).stdout
         body, _, status = out.rpartition("\n")
         return status, body
 
-    fwd.proxy.wait_for(lambda: post("fwd/ok")[0] == "202", 5)  # the new connector file is picked up
-    status, body = post("elsewhere/x")
-    assert status == "403" and "policy" in body and "elsewhere/x" in body, (status, body)
+    digest = "sha256:" + "0" * 64
+    fwd.proxy.wait_for(lambda: call("POST", "/v2/fwd/ok/blobs/uploads/")[0] == "202", 5)  # the file is picked up
+    before = len(fwd.ts.fetches)
+    assert call("HEAD", f"/v2/fwd/ok/blobs/{digest}")[0] == "404"  # pull allowed: the registry answers
+    for method, path, what in [
+        ("POST", "/v2/elsewhere/x/blobs/uploads/", "elsewhere/x"),  # push outside the policy
+        ("GET", "/v2/elsewhere/x/tags/list", "elsewhere/x"),  # pull outside
+        ("DELETE", f"/v2/fwd/ok/manifests/{digest}", "fwd/ok"),  # delete is not in the policy
+        ("GET", "/v2/_catalog", "catalog"),
+    ]:
+        status, body = call(method, path)
+        assert status == "403" and "policy" in body and what in body, (method, path, status, body)
+    # A mount from outside the policy becomes a plain upload (202, not 201).
+    assert call("POST", f"/v2/fwd/m/blobs/uploads/?mount={digest}&from=elsewhere/x")[0] == "202"
+    scopes = [sc for f in fwd.ts.fetches[before:] for sc in f.scopes]
+    assert scopes and all(sc.startswith("repository:fwd/") for sc in scopes), scopes  # the token never exceeds it
