@@ -24,7 +24,7 @@ from typing import TextIO
 from mitmproxy import ctx, exceptions, http
 
 from addons import oci
-from addons.gate import Gate
+from addons.gate import Gate, fail_closed
 from addons.policy import POLICY_KEY, action_of
 from addons.routing import Route, is_reverse
 
@@ -124,6 +124,7 @@ class AuditLog:
 
     # Counting streamed bodies: after the rewrite and scrub addons have set their stream functions.
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.out is None or flow.response is not None or not flow.request.stream:
             return
@@ -131,6 +132,7 @@ class AuditLog:
         flow.request.stream = counter
         self._counters[flow] = (counter, None)
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if self.out is None or flow.response is None or not flow.response.stream:
             return
@@ -138,13 +140,16 @@ class AuditLog:
         flow.response.stream = counter
         self._counters[flow] = (self._counters.get(flow, (None, None))[0], counter)
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._write(flow)
 
+    @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             self._write(flow)
 
+    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if self.out is not None and flow.response is not None:  # a refused CONNECT (an opened one is logged per request)
             self._write(flow)

@@ -22,6 +22,7 @@ import time
 
 from mitmproxy import ctx, http
 
+from addons.gate import fail_closed
 from addons.routing import is_reverse
 
 logger = logging.getLogger(__name__)
@@ -71,20 +72,24 @@ class GracefulShutdown:
 
     # ---- requests in flight
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._in_flight.add(flow.id)
         if self.draining and not flow.response and flow.request.path == "/readyz" and is_reverse(flow):
             # Before the health addon: a draining replica is not ready, whatever else holds.
             flow.response = http.Response.make(503, b"draining: shutting down\n", {"Content-Type": "text/plain; charset=utf-8"})
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if self.draining and flow.response is not None:
             flow.response.headers["Connection"] = "close"
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._in_flight.discard(flow.id)
         if self.draining and flow.response is not None and not flow.response.stream:
             flow.response.headers["Connection"] = "close"
 
+    @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         self._in_flight.discard(flow.id)

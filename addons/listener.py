@@ -132,12 +132,15 @@ class HeaderTimeout:
     def client_disconnected(self, client: connection.Client) -> None:
         self._disarm(client)
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow.client_conn)
 
+    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow.client_conn)
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn.connected:
             self._arm(flow.client_conn, ctx.options.keepalive_timeout)

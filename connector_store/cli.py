@@ -215,23 +215,21 @@ def run_mitmproxy(args: list[str], web: bool) -> None:
     class ConnectorProxyMaster(base):  # type: ignore[misc, valid-type]
         def __init__(self, options, *a, **kw):
             super().__init__(options, *a, **kw)
-            from addons.chain import make_addons
+            from addons.chain import AddonChain
 
-            ours = make_addons()
-            self.addons.add(*ours)
+            ours = AddonChain()
+            self.addons.add(ours)
             # Where a -s script would sit (right after the script loader): before mitmproxy's
             # next_layer, and before the addons that record or show flows (save, dumper, the web
             # view), which must only ever see what the scrub addon left.
             chain = self.addons.chain
-            for addon in ours:
-                chain.remove(addon)
-            at = chain.index(self.addons.get("scriptloader")) + 1
-            chain[at:at] = ours
+            chain.remove(ours)
+            chain.insert(chain.index(self.addons.get("scriptloader")) + 1, ours)
             # What the script loader does for a script's addons: one configure with every option
             # (defaults included); the command line's options follow as updates.
             from mitmproxy import hooks
 
-            for addon in ours:
+            for addon in ours.addons:
                 self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(self.options.keys())))
 
     def extra(parsed):  # mitmdump's own: a filter expression applies to saving and dumping
