@@ -37,6 +37,7 @@ from addons.scrub import LateSecrets
 logger = logging.getLogger(__name__)
 
 PATH = "/.connectors/token"
+MAX_FORM = 64 * 1024
 CONNECTOR_ACTIONS = ("pull", "push", "delete")  # what using a connector allows (a policy may narrow it)
 PLACEHOLDER = b'{"token": "<redacted: proxy token, not recorded>"}'
 REDACTED_FORM = b"<redacted: token request form, not recorded>"
@@ -57,6 +58,14 @@ class TokenEndpoint:
             return
         if flow.request.method not in ("GET", "POST"):
             flow.response = oci.refusal(flow.request, 405, "UNSUPPORTED", f"{PATH} answers GET and POST")
+            return
+        length = flow.request.headers.get("content-length", "")
+        chunked = "transfer-encoding" in flow.request.headers
+        if flow.request.method == "POST" and (chunked or not (length.isascii() and length.isdigit()
+                                                               and len(length) < 10 and int(length) <= MAX_FORM)):
+            # The form is read whole: only a small one with a length (no chunked gigabytes).
+            flow.response = oci.refusal(flow.request, 413, "SIZE_INVALID",
+                                        f"{PATH} takes a form of at most {MAX_FORM} bytes with a Content-Length")
             return
         self._credentials[flow] = parse_client_credential(flow.request.headers.get("authorization"))
         flow.request.stream = False  # the form is small and read whole in `request`

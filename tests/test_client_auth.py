@@ -455,3 +455,19 @@ def test_an_identity_backend_outage_is_a_json_503_everywhere_config_endpoint_inc
     assert g.response.status_code == 503
     assert json.loads(g.response.content)["errors"][0]["code"] == "UNAVAILABLE"
     assert ALICE not in g.response.content.decode()
+
+
+def test_the_token_endpoint_refuses_large_or_unsized_forms(env):
+    """Its form is read whole: a chunked or huge POST is refused before any byte is buffered."""
+    from addons.scrub import LateSecrets
+    from addons.token_endpoint import TokenEndpoint
+
+    endpoint = TokenEndpoint(env, LateSecrets())
+    for headers in ({"Transfer-Encoding": "chunked"}, {"Content-Length": str(10 * 1024 * 1024)}):
+        f = reverse_tflow()
+        f.request.method = "POST"
+        f.request.path = "/.connectors/token"
+        f.request.headers.update(headers)
+        f.request.headers.pop("content-length", None) if "Transfer-Encoding" in headers else None
+        endpoint.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 413
