@@ -27,6 +27,10 @@ from addons.gate import fail_closed
 logger = logging.getLogger(__name__)
 
 
+# A TLS ClientHello is answered the way a plain-HTTP Go registry answers it: Go's TLS client reports
+# "server gave HTTP response to HTTPS client" when the first bytes it reads are `HTTP/`, the one
+# error on which docker, containerd and friends retry over http for an insecure registry. Closing
+# instead makes them fail with EOF.
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record header: handshake, protocol major version 3
 _PLAINTEXT_BODY = b"400 Bad Request: this registry proxy speaks plain HTTP (use http://)\n"
 PLAINTEXT_400 = (
@@ -37,10 +41,6 @@ PLAINTEXT_400 = (
 ) + _PLAINTEXT_BODY
 
 
-# A TLS ClientHello is answered the way a plain-HTTP Go registry answers it: Go's TLS client reports
-# "server gave HTTP response to HTTPS client" when the first bytes it reads are `HTTP/`, the one
-# error on which docker, containerd and friends retry over http for an insecure registry. Closing
-# instead makes them fail with EOF.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # An empty SETTINGS frame, then GOAWAY(last stream 0, HTTP_1_1_REQUIRED): RFC 9113's way to say
 # "speak HTTP/1.1 to me", which clients report as such instead of a protocol error.

@@ -1,7 +1,7 @@
 """Pure OCI distribution protocol helpers: challenges, API paths, scopes, JSON errors.
 
 Nothing here knows about mitmproxy flows except the response builders (`refusal`, `frame`,
-`error_response`, `ping_response`), which import mitmproxy when called, so the parsing half can be
+`ping_response`), which import mitmproxy when called, so the parsing half can be
 used without it (addons/registry_client.py); everything else is plain data in, plain data out, so tests drive it directly.
 """
 
@@ -287,17 +287,6 @@ def error_body(code: str, message: str, detail: object = None) -> bytes:
     if detail is not None:
         err["detail"] = detail
     return json.dumps({"errors": [err]}).encode()
-
-
-def error_response(
-    status: int, code: str, message: str, detail: object = None, headers: dict[str, str] | None = None
-) -> http.Response:
-    """A response in the registry's JSON error format, which every registry client understands."""
-    from mitmproxy import http
-
-    all_headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
-    all_headers.update(headers or {})
-    return http.Response.make(status, error_body(code, message, detail), all_headers)
 
 
 NO_BODY_STATUSES = (204, 304)

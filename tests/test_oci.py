@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mitmproxy.test.tutils import treq
 
 from addons import oci
 from addons.oci import ApiPath, Challenge, ProtocolError, parse_api_path
@@ -373,8 +374,11 @@ def test_scopes_for_every_endpoint_kind():
 # ---------------------------------------------------------------- errors
 
 
+GET = treq(method=b"GET")  # the request a refusal answers
+
+
 def test_error_response_shape():
-    resp = oci.error_response(404, "NAME_UNKNOWN", "connector default/x not found")
+    resp = oci.refusal(GET, 404, "NAME_UNKNOWN", "connector default/x not found")
     assert resp.status_code == 404
     assert resp.headers["Content-Type"] == "application/json"
     assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
@@ -382,8 +386,8 @@ def test_error_response_shape():
 
 
 def test_error_response_with_detail_and_extra_headers():
-    resp = oci.error_response(
-        401, "UNAUTHORIZED", "authentication required", detail={"why": "no token"},
+    resp = oci.refusal(
+        GET, 401, "UNAUTHORIZED", "authentication required", detail={"why": "no token"},
         headers={"WWW-Authenticate": 'Basic realm="p"'},
     )
     assert resp.status_code == 401
@@ -394,7 +398,7 @@ def test_error_response_with_detail_and_extra_headers():
 
 
 def test_error_response_content_length_matches():
-    resp = oci.error_response(503, "UNAVAILABLE", "x" * 1000)
+    resp = oci.refusal(GET, 503, "UNAVAILABLE", "x" * 1000)
     assert int(resp.headers["content-length"]) == len(resp.content)
 
 
