@@ -10,10 +10,15 @@ addons keep secrets out of those records:
 - `LateSecrets`, appended to the very end of mitmproxy's chain, holds what other addons want sent
   (the upstream `Authorization`, a rendered config body containing the caller's token) and puts it
   on the flow in the `update` hook that mitmproxy runs right before the message goes out: after the
-  view has broadcast the flow and after save and dump have recorded it. A response body is put back
-  to its placeholder as soon as it has been written to the client (the flow is no longer live). (A request header stays on the
-  in-memory flow while a streamed upload is in flight, until the next event redacts it; it is never
-  logged, saved or broadcast.)
+  view has broadcast the flow and after save and dump have recorded it. The header comes off the
+  live flow again while mitmproxy opens the upstream connection (`server_connect`, back on in the
+  last hook before the head is written) and as soon as the head has been written, so mitmweb's API
+  cannot read it while a body streams. A response body is put back to its placeholder as soon as
+  it has been written to the client (the flow is no longer live).
+
+`Scrub` also redacts, by value, whatever a registry or token server echoes of the injected
+credential: in response headers, whole bodies, streamed bodies (`StreamRedactor`, across chunk
+edges, same length) and the recorded original `Location`/`Link`.
 """
 
 from __future__ import annotations
