@@ -1,11 +1,13 @@
-"""Upstream credentials: the registry's challenge, the token flow, a token cache, one retry on 401.
+"""Upstream credentials, per request: retarget, the scopes, the upstream Authorization, one retry on 401.
 
-A streamed upload cannot be replayed after a 401, so the scope is computed and the token fetched
-*before* the request is forwarded (pre-authorization). The challenge (realm, service) is learnt once
-per connector by probing `GET /v2/`. Tokens are cached per (connector, credential version, realm,
-service, scopes) until shortly before they expire, and concurrent requests for one key share one
-fetch (single flight): skopeo opens a connection per request and buildkit pushes layers in
-parallel, and token traffic must not grow with either.
+A streamed upload cannot be replayed after a 401, so the scope is computed (and narrowed to the
+connector's policy) and the token fetched *before* the request is forwarded (pre-authorization).
+The challenge (realm, service) is learnt once per connector by probing `GET /v2/`. Tokens are
+cached per (connector, credential version, realm, service, scopes) until shortly before they
+expire, and concurrent requests for one key share one fetch (single flight): skopeo opens a
+connection per request and buildkit pushes layers in parallel, and token traffic must not grow
+with either. The talking itself (probe, token fetch, realm policy, caches, per-connector worker
+threads) is the registry client's, `addons/registry_client.py`.
 
 Secrecy: the header is handed to the scrub addon's `LateSecrets`, which sets it at the last moment
 before the request goes out, after everything that records flows has seen it (see scrub.py).
