@@ -114,6 +114,8 @@ from localregistry import TestCA, make_oci_layout, skopeo
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 PYTHON = sys.executable  # the test venv's interpreter: the proxy image's `python`
+# This checkout, the venv and the interpreter it links to: bound into every container's root.
+CODE_PATHS = sorted({os.path.realpath(p) for p in (REPO, sys.prefix, sys.base_prefix)})
 
 API_IP = "127.0.96.1"       # KUBERNETES_SERVICE_HOST in every Pod
 SERVICE_IP = "127.0.96.10"  # the connector-proxy Service and the c-<name> ExternalName Services
@@ -481,6 +483,12 @@ class Container:
             lines.append(f"mount --bind {q(str(source))} {target}")
             if ro:
                 lines.append(f"mount -o remount,bind,ro {target}")
+        for code in CODE_PATHS:
+            # What stands in for the image's installed code (this checkout, the test venv and its
+            # interpreter) stays visible even where a volume covers its path (an emptyDir on /tmp
+            # hides a checkout under /tmp, as CI's may be).
+            target = "$R" + q(code)
+            lines += [f"mkdir -p {target}", f"mount --bind {q(code)} {target}", f"mount -o remount,bind,ro {target}"]
         workdir = self.spec.get("workingDir") or self.image.workdir
         lines.append("mkdir -p \"$R\"" + q(os.path.realpath(workdir)))  # the image's WORKDIR exists
         if read_only and not privileged:
