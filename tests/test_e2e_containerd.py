@@ -6,7 +6,7 @@ BuildKit does. Pulls are `ctr images pull` (fetch, then unpack with the native s
 `ctr content fetch`: unpacking works here. Pushes are `ctr images push` of images put in containerd's
 store with `ctr images import` (no network involved in the source).
 
-Every pull runs 10 times in a row and every push 3 times (the 64 MiB layer 3 and 2 times), each from a
+Every pull runs 10 times in a row and every push 10 times (the 64 MiB layer 3 and 2 times), each from a
 clean content store (namespaces do not share content: see Containerd.reset), so a 1-in-3 failure
 cannot pass. Three address forms:
 
@@ -43,7 +43,7 @@ from test_e2e_forward import Forward
 FORMS = ("host", "path", "forward")
 HOST_FORM = "c-harbor.default.svc.cluster.local"
 PATH_PREFIX = "namespaces/default/connectors/harbor/"
-PULLS, PUSHES = 10, 3
+PULLS, PUSHES = 10, 10
 LARGE_PULLS, LARGE_PUSHES = 3, 2
 LARGE_SIZE = 64 << 20
 RUN = secrets.token_hex(3)  # fresh repository names per run: pushes upload every blob
