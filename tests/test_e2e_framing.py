@@ -165,6 +165,47 @@ def test_every_refusal_is_framed_on_one_kept_alive_connection(world, framing_pro
     assert sorted(set(seen)) == [400, 401, 403, 404, 405, 502, 503, 504]
 
 
+def test_every_answer_the_proxy_makes_itself_is_framed(world, framing_proxy):
+    """Not only refusals: the ping, the token endpoint, the config endpoint, health and metrics,
+    GET then HEAD on one kept-alive connection (a HEAD answer has the GET's length and no body)."""
+    builder = basic("x", world.builder_token)
+    token_path = "/.connectors/token?service=default/harbor&scope=repository:namespaces/default/connectors/harbor/a:pull"
+    cases = [
+        ("/v2/", builder, ("GET", "HEAD")),
+        ("/v2/namespaces/default/connectors/harbor/", builder, ("GET", "HEAD")),
+        ("/.connectors/config?use=default/harbor&names=registry-config&format=json", builder, ("GET", "HEAD")),
+        ("/healthz", None, ("GET", "HEAD")),
+        ("/readyz", None, ("GET", "HEAD")),
+        ("/metrics", None, ("GET", "HEAD")),
+        (token_path, builder, ("GET",)),  # the token endpoint answers GET and POST
+    ]
+    with socket.create_connection(("127.0.0.1", framing_proxy.port), timeout=IO_TIMEOUT) as conn:
+        for path, auth, methods in cases:
+            headers = {"Host": framing_proxy.host, **({"Authorization": auth} if auth else {})}
+            length = None
+            for method in methods:
+                got, hdrs, body = exchange(conn, method, path, headers)
+                assert got == 200, (method, path, got, body)
+                if method == "GET":
+                    length = len(body)
+                    assert int(hdrs["content-length"]) == length
+                else:
+                    assert body == b"" and int(hdrs["content-length"]) == length, (path, hdrs)
+        # The token endpoint's POST form, kept alive too.
+        form = f"grant_type=password&username=x&password={world.builder_token}&service=default/harbor".encode()
+        conn.sendall(b"POST /.connectors/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: " + str(len(form)).encode() + b"\r\n\r\n" + form)
+        buf = bytearray()
+        status_line, hdr_list = read_head(conn, buf)
+        hdrs = {k.lower(): v for k, v in hdr_list}
+        assert status_line.split()[1] == "200"
+        while len(buf) < int(hdrs["content-length"]):
+            buf += conn.recv(65536)
+        assert "token" in json.loads(bytes(buf))
+        got, _, body = exchange(conn, "GET", "/healthz", {"Host": framing_proxy.host})
+        assert got == 200 and body == b"ok\n"
+
+
 def test_forward_listener_refusals_are_framed(world, framing_proxy):
     """407 (no or malformed Proxy-Authorization) and 403 on the forward listener, kept alive."""
     with socket.create_connection(("127.0.0.1", framing_proxy.forward_port), timeout=IO_TIMEOUT) as conn:
