@@ -130,31 +130,60 @@ class PolicyEnforcer:
             flow.metadata[POLICY_KEY]["mount"] = f"dropped: {source} is outside the policy"
 
     @fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # A catalog under a policy is collected (bounded) and sent filtered, whatever its framing.
+        connector = self._catalog_policy(flow)
+        if connector is None:
+            return
         route = Route.of(flow)
-        if route is None or flow.response is None or route.path != "/v2/_catalog" or flow.response.status_code != 200:
+        assert route is not None and flow.response is not None
+        flow.metadata.setdefault(POLICY_KEY, {})["hold"] = True  # the rewrite addon leaves the stream to us
+        flow.response.headers.pop("content-length", None)
+        flow.response.headers["Transfer-Encoding"] = "chunked"
+        flow.response.stream = CatalogFilter(connector.policy, route.subject)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        # An empty catalog answer is not streamed: filter what was read (nothing) the same way.
+        connector = self._catalog_policy(flow)
+        if connector is None or flow.response is None or flow.response.stream:
             return
-        connector = self.store.get(route.namespace, route.name)
-        if connector is None or connector.policy is None or flow.response.stream:
-            return
+        route = Route.of(flow)
         filtered = filter_catalog(flow.response.get_content(strict=False) or b"", connector.policy, route.subject)
         if filtered is None:
             flow.response = oci.refusal(flow.request, 502, "UNAVAILABLE",
                                         f"connector {route.connector}: the registry's catalog answer could not be filtered")
             return
+        flow.response.headers.pop("transfer-encoding", None)
         flow.response.set_content(filtered)
 
-    @fail_closed
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # A catalog under a policy is held whole to be filtered (bounded): never streamed past it.
+    def _catalog_policy(self, flow: http.HTTPFlow) -> Connector | None:
         route = Route.of(flow)
-        if route is None or flow.response is None or route.path != "/v2/_catalog":
-            return
+        if route is None or flow.response is None or route.path != "/v2/_catalog" or flow.response.status_code != 200:
+            return None
         connector = self.store.get(route.namespace, route.name)
-        if connector is None or connector.policy is None:
-            return
-        length = flow.response.headers.get("content-length", "")
-        if not (length.isascii() and length.isdigit() and int(length) <= MAX_CATALOG):
-            flow.kill()  # unknown or huge: not held, not passed on unfiltered
-            return
-        flow.metadata.setdefault(POLICY_KEY, {})["hold"] = True  # the rewrite addon keeps it whole
+        return connector if connector is not None and connector.policy is not None else None
+
+
+class CatalogFilter:
+    """A `response.stream` that collects a `_catalog` answer (up to MAX_CATALOG) and sends it filtered.
+
+    Past the cap, or if the answer is no catalog, it raises: the stream is cut (the client sees a
+    failed request), never an unfiltered list.
+    """
+
+    def __init__(self, policy: Policy, subject: str):
+        self.policy = policy
+        self.subject = subject
+        self.body = bytearray()
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if chunk:
+            self.body += chunk
+            if len(self.body) > MAX_CATALOG:
+                raise ValueError("catalog answer larger than the proxy will filter")
+            return []
+        filtered = filter_catalog(bytes(self.body), self.policy, self.subject)
+        if filtered is None:
+            raise ValueError("the registry's catalog answer is not a catalog")
+        return [filtered]

@@ -65,6 +65,8 @@ def policed(world, tmp_path_factory):
     for repo in ("base/app", "team-a/app", "team-b/app", "team-a/tmp1"):
         seed.upload_monolithic(repo, layer)
         seed.put_manifest(repo, "v1", [layer])
+    for i in range(60):  # enough names that the registry sends its catalog chunked (no Content-Length)
+        seed.upload_monolithic(f"team-b/filler-{i:02d}-{'x' * 40}", layer[:100])
     yield proxy, builder, reader, layer, audit
     proxy.stop()
     written = proxy.everything_written() + audit.read_bytes()
