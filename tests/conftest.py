@@ -112,3 +112,36 @@ def reverse_tflow(**kwargs):
     flow = tflow.tflow(**kwargs)
     flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
     return flow
+
+
+@pytest.fixture(scope="module")
+def dockerd():
+    """A throwaway dockerd (vfs storage, no networking set-up): the environment that reaches it, or
+    a skip saying why there is none."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    binary = shutil.which("dockerd")
+    if binary is None or shutil.which("docker") is None:
+        pytest.skip("dockerd is not installed (Debian package docker.io)")
+    root = tempfile.mkdtemp(prefix="dk", dir="/tmp")  # unix socket paths must stay short
+    sock = f"{root}/docker.sock"
+    with open(f"{root}/dockerd.log", "wb") as log:
+        proc = subprocess.Popen([binary, "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
+                                 "--pidfile", f"{root}/docker.pid", "-H", f"unix://{sock}", "--storage-driver=vfs",
+                                 "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, DOCKER_HOST=f"unix://{sock}")
+    deadline = time.monotonic() + 30
+    while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = Path(f"{root}/dockerd.log").read_bytes()[-800:].decode(errors="replace")
+            pytest.skip(f"dockerd cannot run on this machine: {tail}")
+        time.sleep(0.1)  # readiness polling, bounded by the deadline
+    yield env
+    proc.terminate()
+    proc.wait(20)
+    shutil.rmtree(root, ignore_errors=True)

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -212,33 +211,6 @@ def test_skopeo_pulls_then_pushes_after_the_token_rotated(world, long_build, tmp
     failed = subprocess.run(["skopeo", "inspect", *auth, "--tls-verify=false", f"docker://{b.ref('test/long-build:v2')}"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, **b.env})
     assert failed.returncode != 0 and "does not exist" in failed.stderr, failed.stderr
-
-
-@pytest.fixture(scope="module")
-def dockerd():
-    """A throwaway dockerd (vfs, no networking set-up), or a skip saying why there is none."""
-    binary = shutil.which("dockerd")
-    if binary is None or shutil.which("docker") is None:
-        pytest.skip("dockerd is not installed (Debian package docker.io)")
-    root = tempfile.mkdtemp(prefix="dkh", dir="/tmp")  # unix socket paths must stay short
-    sock = f"{root}/docker.sock"
-    with open(f"{root}/dockerd.log", "wb") as log:
-        proc = subprocess.Popen([binary, "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
-                                 "--pidfile", f"{root}/docker.pid", "-H", f"unix://{sock}", "--storage-driver=vfs",
-                                 "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    env = {"DOCKER_HOST": f"unix://{sock}"}
-    deadline = time.monotonic() + 30
-    while subprocess.run(["docker", "version"], env={**os.environ, **env}, capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = Path(f"{root}/dockerd.log").read_bytes()[-800:].decode(errors="replace")
-            pytest.skip(f"dockerd cannot run on this machine: {tail}")
-        time.sleep(0.1)  # readiness polling, bounded by the deadline
-    yield env
-    proc.terminate()
-    proc.wait(20)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_docker_cli_pulls_then_pushes_after_the_token_rotated(world, long_build, dockerd, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -137,33 +136,6 @@ def test_watch_rerenders_a_rotated_token_within_two_seconds(world, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def dockerd(tmp_path_factory):
-    """A throwaway dockerd (vfs storage, no networking set-up), or a skip saying why there is none."""
-    binary = shutil.which("dockerd")
-    if binary is None or shutil.which("docker") is None:
-        pytest.skip("dockerd is not installed (Debian package docker.io)")
-    root = tempfile.mkdtemp(prefix="dk", dir="/tmp")  # unix socket paths must stay short
-    sock = f"{root}/docker.sock"
-    log = open(f"{root}/dockerd.log", "wb")
-    proc = subprocess.Popen([binary, "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
-                             "--pidfile", f"{root}/docker.pid", "-H", f"unix://{sock}", "--storage-driver=vfs",
-                             "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = dict(os.environ, DOCKER_HOST=f"unix://{sock}")
-    deadline = time.monotonic() + 30
-    while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = open(f"{root}/dockerd.log", "rb").read()[-800:].decode(errors="replace")
-            pytest.skip(f"dockerd cannot run on this machine: {tail}")
-        time.sleep(0.1)  # readiness polling, bounded by the deadline
-    yield env
-    proc.terminate()
-    proc.wait(20)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_docker_with_only_the_rendered_config(world, rendered, tmp_path, dockerd):
