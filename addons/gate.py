@@ -146,6 +146,14 @@ class Gate:
     def connection_verdict(self, client: connection.Client) -> Verdict | None:
         return self._connections.get(client)
 
+    def permitted(self, flow: http.HTTPFlow) -> Verdict | None:
+        """The verdict, if the flow may leave as it stands (what the upstream pool sends by)."""
+        verdict = self._flows.get(flow)
+        if verdict is None or flow.response is not None or flow.error is not None \
+                or destination(flow.request) != verdict.destination:
+            return None
+        return verdict
+
     # ---- placement: after every addon, including mitmproxy's own
 
     def running(self) -> None:

@@ -32,6 +32,7 @@ from addons.gate import Gate, fail_closed
 from addons.routing import METADATA_KEY, is_reverse
 from addons.store import ConnectorStore
 from addons.upstream_auth import UpstreamCredentials
+from addons.upstream_pool import PooledUpstream
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ class _StateCollector:
              lambda: h.upstream.tokens.hits),
             (GaugeMetricFamily, "connector_proxy_upstream_token_cache_entries", "Cached upstream tokens.",
              lambda: len(h.upstream.tokens)),
+            (CounterMetricFamily, "connector_proxy_upstream_pooled",
+             "Exchanges sent over upstream connections kept across client connections.",
+             lambda: h.pool.pooled if h.pool is not None else 0),
+            (CounterMetricFamily, "connector_proxy_upstream_pool_bypassed",
+             "Poolable exchanges that took an unpooled connection (pool busy, answer too large, connection failed).",
+             lambda: h.pool.bypassed if h.pool is not None else 0),
             (CounterMetricFamily, "connector_proxy_gate_refused",
              "Flows the gate refused because no authorization decision matched them (a bug before the gate).",
              lambda: h.gate.refused if h.gate is not None else 0),
@@ -101,10 +108,12 @@ def _safe(value: Callable[[], float]) -> float:
 
 
 class Health:
-    def __init__(self, store: ConnectorStore, upstream: UpstreamCredentials, gate: Gate | None = None):
+    def __init__(self, store: ConnectorStore, upstream: UpstreamCredentials, gate: Gate | None = None,
+                 pool: PooledUpstream | None = None):
         self.store = store
         self.gate = gate
         self.upstream = upstream
+        self.pool = pool
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

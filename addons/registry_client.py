@@ -95,6 +95,11 @@ class UpstreamError(Exception):
         self.code = code
 
 
+class ConnectionDropped(UpstreamError):
+    """The connection failed after it was made (reset, closed mid-answer): a kept-alive connection
+    the registry had closed, for instance. Not a refusal of our TLS trust, not an unreachable host."""
+
+
 @dataclass(frozen=True)
 class UpstreamChallenge:
     kind: Literal["bearer", "basic", "none"]
@@ -314,7 +319,8 @@ class RegistryClient:
 
     def send(
         self, connector: Connector, method: str, scheme: str, host: str, port: int, target: str,
-        headers: dict[str, str] | None = None, kind: str = "", preload: bool = True,
+        headers: dict[str, str] | None = None, kind: str = "", preload: bool = True, body: bytes | None = None,
+        read_timeout: float | None = None,
     ) -> Answer | urllib3.BaseHTTPResponse:
         """One request, built from parts parsed once (never from a URL string parsed again).
 
@@ -327,8 +333,10 @@ class RegistryClient:
         try:
             pool = self._pool(connector).connection_from_host(host, port, scheme)
             resp = pool.urlopen(
-                method, target, headers=headers or {}, redirect=False, retries=False,
+                method, target, body=body, headers=headers or {}, redirect=False, retries=False,
                 decode_content=False, preload_content=False, assert_same_host=False,
+                timeout=self.timeout if read_timeout is None else urllib3.Timeout(connect=self.timeout.connect_timeout,
+                                                                                read=read_timeout),
             )
             if not preload:
                 return resp
@@ -350,6 +358,8 @@ class RegistryClient:
             raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {netloc} unreachable: {_reason(e)}") from None
         except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError):
             raise UpstreamError(504, "UNAVAILABLE", f"connector {connector.key}: {netloc} timed out") from None
+        except urllib3.exceptions.ProtocolError as e:
+            raise ConnectionDropped(502, "UNAVAILABLE", f"connector {connector.key}: {netloc} broke the connection: {_reason(e)}") from None
         except urllib3.exceptions.HTTPError as e:
             raise UpstreamError(502, "UNAVAILABLE", f"connector {connector.key}: {netloc} unreachable: {_reason(e)}") from None
 

@@ -12,7 +12,7 @@ upstream addon, once the caller is known to be allowed.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode
 
@@ -55,7 +55,7 @@ class Route:
         return f"{self.namespace}/{self.name}" if self.name else ""
 
     def store(self, flow: http.HTTPFlow) -> None:
-        flow.metadata[METADATA_KEY] = asdict(self)
+        flow.metadata[METADATA_KEY] = dict(self.__dict__)  # plain data (saved with the flow); asdict deep-copies, slowly
 
     @classmethod
     def of(cls, flow: http.HTTPFlow) -> Route | None:

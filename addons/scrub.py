@@ -30,6 +30,7 @@ import time
 import weakref
 
 from mitmproxy import ctx, http
+from mitmproxy.hooks import ConfigureHook
 
 from addons.gate import Gate, fail_closed
 from addons.oci import has_body
@@ -82,27 +83,47 @@ def redact_text(value: str, secrets: list[str]) -> str:
 class StreamRedactor:
     """A `response.stream` callable that redacts secrets from a streamed body, across chunk edges.
 
-    It holds back the last `len(longest secret) - 1` bytes of each chunk until the next one (or
-    the end) shows whether they start a secret. Returns lists: an empty bytes chunk would end an
-    HTTP/1 chunked body early.
+    It holds back the end of a chunk only when it could be the start of a secret (a prefix of
+    one), until the next chunk (or the end) shows whether it is. A chunk without any of that, by far
+    the common case for blob bytes, is passed on as it came: no copy, no join. Returns lists: an
+    empty bytes chunk would end an HTTP/1 chunked body early.
     """
 
     def __init__(self, secrets: list[bytes]):
-        self.secrets = [s for s in secrets if s]
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)  # longest first, once
+        self.first_bytes = {s[:1] for s in self.secrets}
         self.keep = max((len(s) for s in self.secrets), default=1) - 1
         self.held = b""
 
     def __call__(self, chunk: bytes) -> list[bytes]:
         if not chunk:  # end of the body
-            out, self.held = redact_values(self.held, self.secrets), b""
+            out, self.held = self._redact(self.held), b""
             return [out] if out else []
-        data = redact_values(self.held + chunk, self.secrets)
-        if len(data) <= self.keep:
-            self.held = data
-            return []
-        cut = len(data) - self.keep
-        self.held = data[cut:]
-        return [data[:cut]]
+        data = self._redact(self.held + chunk if self.held else chunk)
+        hold = self._partial_tail(data)
+        self.held = data[len(data) - hold:] if hold else b""
+        out = data[:len(data) - hold] if hold else data
+        return [out] if out else []
+
+    def _redact(self, data: bytes) -> bytes:
+        for secret in self.secrets:
+            if secret in data:
+                data = data.replace(secret, b"*" * len(secret))
+        return data
+
+    def _partial_tail(self, data: bytes) -> int:
+        """How many bytes at the end of `data` are the beginning of a secret (0 if none)."""
+        start = max(0, len(data) - self.keep)
+        earliest = len(data)
+        for first in self.first_bytes:
+            pos = data.find(first, start, earliest)
+            while pos != -1:
+                tail = data[pos:]
+                if any(len(s) > len(tail) and s.startswith(tail) for s in self.secrets):
+                    earliest = pos
+                    break
+                pos = data.find(first, pos + 1, earliest)
+        return len(data) - earliest
 
 
 def redact_request(flow: http.HTTPFlow, names: tuple[str, ...] = CLIENT_CREDENTIAL_HEADERS) -> None:
@@ -145,6 +166,18 @@ class LateSecrets:
 
     def secrets(self, flow: http.HTTPFlow) -> list[str]:
         return self._secrets.get(flow, [])
+
+    def pending_request_header(self, flow: http.HTTPFlow) -> tuple[str, str] | None:
+        """The header this flow's request is to carry, not yet set on it (the upstream pool sends it)."""
+        return self._headers.get(flow.id)
+
+    def sent_elsewhere(self, flow: http.HTTPFlow) -> None:
+        """The request went out another way (the upstream pool): its header goes on the flow only
+        redacted, as it is after mitmproxy sent it; its response is still redacted of it."""
+        header = self._headers.pop(flow.id, None)
+        self._armed_requests.discard(flow.id)
+        if header is not None:
+            flow.request.headers[header[0]] = redacted(header[1])
 
     # ---- hooks, at the end of the chain
 
@@ -269,16 +302,19 @@ class Scrub:
     def __init__(self, gate: Gate | None = None) -> None:
         self.late = LateSecrets()
         self.gate = gate
+        self.tail: list = []  # after LateSecrets: what sends requests itself (the upstream pool)
 
     def running(self) -> None:
         # The gate and then LateSecrets go last, after mitmproxy's own addons: the gate runs even
         # when an addon before it raised, and LateSecrets sets secrets after everything recorded.
-        for addon in (self.gate, self.late):
+        for addon in (self.gate, self.late, *self.tail):
             if addon is not None and addon not in ctx.master.addons.chain:
                 ctx.master.addons.add(addon)
+                # Added after startup: mitmproxy only runs `load`; the options it reads are set now.
+                ctx.master.addons.invoke_addon_sync(addon, ConfigureHook(set(ctx.options.keys())))
 
     def done(self) -> None:
-        for addon in (self.gate, self.late):
+        for addon in (self.gate, self.late, *self.tail):
             if addon is not None and addon in ctx.master.addons.chain:
                 ctx.master.addons.remove(addon)
 

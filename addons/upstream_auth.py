@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from mitmproxy import ctx, http
 
@@ -71,6 +72,18 @@ class UpstreamCredentials:
             "Seconds a proxied exchange may go without a byte in either direction (connecting, waiting for "
             "the registry's first byte, or a stall mid-body) before its connection is closed. Sets "
             "mitmproxy's tcp_timeout.",
+        )
+        # Read by the upstream pool (addons/upstream_pool.py), which joins mitmproxy's chain only at
+        # `running`, too late to declare options a command line sets.
+        loader.add_option(
+            "upstream_pool", bool, True,
+            "Send requests without a body to stream (HEAD, manifest and tag GETs, upload POSTs and final "
+            "PUTs, small manifest PUTs) over upstream connections kept alive across client connections. "
+            "Off: every client connection opens its own upstream connection.",
+        )
+        loader.add_option(
+            "upstream_pool_size", int, 16,
+            "Pooled exchanges one connector may have in flight; further requests take the unpooled path.",
         )
 
     def running(self) -> None:
@@ -246,19 +259,14 @@ class UpstreamCredentials:
     def _send_bounded(self, connector: Connector, method: str, scheme: str, host: str, port: int, target: str,
                       headers: dict[str, str]) -> http.Response | None:
         resp = self.client.send(connector, method, scheme, host, port, target, headers, preload=False)
-        body = b""
-        if method.upper() != "HEAD" and resp.status not in (204, 304):
-            body = resp.read(SMALL_BODY + 1) if small_body(resp.headers, SMALL_BODY) else b"-" * (SMALL_BODY + 1)
+        body = b"-" * (SMALL_BODY + 1)
+        if method.upper() == "HEAD" or resp.status in oci.NO_BODY_STATUSES or small_body(resp.headers, SMALL_BODY):
+            body = resp.read(SMALL_BODY + 1)  # read even when empty: only then is the connection free again
         if len(body) > SMALL_BODY:
             resp.close()  # unread rest: the connection cannot be reused
             return None
         resp.release_conn()
-        out_headers = http.Headers(
-            [(k.encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
-        )
-        response = http.Response.make(resp.status, b"", out_headers)
-        response.raw_content = body  # as the registry sent it (Content-Encoding and Content-Length kept)
-        return response
+        return response_from_upstream(method.upper(), resp.status, resp.reason or "", resp.headers.items(), body)
 
     def _final_401(self, request: http.Request, upstream: http.Response, route: Route | None, fresh: bool) -> http.Response:
         """The registry still says 401: never pass its challenge on (it names its own realm)."""
@@ -280,6 +288,20 @@ class UpstreamCredentials:
 
 
 MAX_CHALLENGE_BODY = 64 * 1024
+
+
+def response_from_upstream(method: str, status: int, reason: str, header_items, body: bytes) -> http.Response:
+    """A mitmproxy response holding what the registry sent, as it sent it (Content-Encoding kept).
+
+    Not `Response.make`, which sets Content-Length from the body it is given: a HEAD answer keeps
+    the length GET would send; a body read whole (de-chunked) gets its own length.
+    """
+    headers = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in header_items
+                            if k.lower() not in HOP_BY_HOP])
+    if method != "HEAD" and status not in oci.NO_BODY_STATUSES and status >= 200:
+        headers["content-length"] = str(len(body))
+    now = time.time()
+    return http.Response(b"HTTP/1.1", status, reason.encode("latin-1", "replace"), headers, body, None, now, now)
 
 
 def small_body(headers, limit: int) -> bool:

@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--listen", default="127.0.0.1:8080", help="proxy listen address")
     p.add_argument("--web", action="store_true", help="run mitmweb (web UI on 127.0.0.1:8081)")
     p.add_argument("--workdir", type=Path, default=REPO / ".local")
+    p.add_argument("mitmproxy_options", nargs="*", metavar="-- --set NAME=VALUE",
+                   help="passed on to the proxy's mitmproxy, e.g. -- --set upstream_pool=false")
     args = p.parse_args()
 
     work: Path = args.workdir
@@ -68,6 +70,8 @@ def main() -> int:
            "--client-tokens", str(work / "client-tokens.yaml"), "--listen", args.listen]
     if args.web:
         cmd.append("--web")
+    if args.mitmproxy_options:
+        cmd += ["--", *args.mitmproxy_options]
     proxy = subprocess.Popen(cmd, cwd=REPO)
     host = args.listen
     repo_base = f"{host}/namespaces/default/connectors/harbor"

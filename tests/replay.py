@@ -64,6 +64,7 @@ from addons.rewrite import BLOB_KEY, UPSTREAM_HEADERS_KEY
 from connector_store.addresses import parse_host_form
 from addons.routing import METADATA_KEY as ROUTE_KEY
 from addons.upstream_auth import UPSTREAM_KEY
+from addons.upstream_pool import POOLED_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS_DIR = REPO / "tests" / "flows"
@@ -161,10 +162,11 @@ class Exchange:
 
     @property
     def served_by_upstream(self) -> bool:
-        """Whether the registry answered (the proxy opened a connection), rather than the proxy itself."""
+        """Whether the registry answered (over a connection of the flow's own or of the upstream
+        pool), rather than the proxy itself."""
         route = self.route
-        return (self.kind == "client" and bool(route and route.get("upstream"))
-                and self.flow.server_conn.timestamp_start is not None)
+        carried = self.flow.server_conn.timestamp_start is not None or bool(self.flow.metadata.get(POOLED_KEY))
+        return self.kind == "client" and bool(route and route.get("upstream")) and carried
 
     @property
     def query(self) -> str:

@@ -273,7 +273,8 @@ def test_reused_upstream_connection_is_not_inherited(tls_world, tmp_path):
     connection verified with swap-a's CA, swap-b's request is refused (502 naming swap-b, by the
     reuse check: its preflight verdict is still the cached good one) and swap-a keeps working;
     (2) swap-b first on a new client connection: mitmproxy's own handshake, with swap-b's trust,
-    refuses the certificate: a 502, never an answer from the registry.
+    refuses the certificate: a 502, never an answer from the registry; (3) the upstream pool keeps
+    connections per trust, so swap-b's small exchange after swap-a's gets its own handshake, refused.
     """
     w = tls_world
     where = f"{HOST}:{w.swap_port}"
@@ -290,20 +291,31 @@ def test_reused_upstream_connection_is_not_inherited(tls_world, tmp_path):
     second = Registry(tmp_path / "swap2", None, tls=(w.bare, bare_key), public_host=HOST, port=w.swap_port).start()
     try:
         assert curl_verdict(bundle, f"https://{where}/v2/") and not curl_verdict(w.ca.cert_path, f"https://{where}/v2/")
+        # A blob GET streams over mitmproxy's own connection (small exchanges go over the upstream
+        # pool, whose connections are kept per trust: tried below).
+        blob = "/swap/app/blobs/sha256:" + "0" * 64
         conn = http.client.HTTPConnection("127.0.0.1", w.proxy.port, timeout=60)
         try:
             for name in ("swap-a", "swap-b", "swap-a", "swap-b"):
-                status, _, body = w.get(name, "/swap/app/tags/list", conn)
+                status, _, body = w.get(name, blob, conn)
                 if name == "swap-a":
-                    assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN", body
+                    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN", body
                 else:
                     assert_refused(status, body, "swap-b", where)
                     assert "another connector's CA" in json.loads(body)["errors"][0]["message"]
         finally:
             conn.close()
-        status, _, body = w.get("swap-b", "/swap/app/tags/list")
+        # The pool (new client connections, small exchanges): swap-a's kept upstream connection is
+        # never swap-b's; swap-b's own handshake, with its own trust, refuses the certificate.
+        for _ in range(2):
+            status, _, body = w.get("swap-a", "/swap/app/tags/list")
+            assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN", body
+            status, _, body = w.get("swap-b", "/swap/app/tags/list")
+            assert_refused(status, body, "swap-b", where)
+            assert "certificate verify failed" in json.loads(body)["errors"][0]["message"].lower()
+        status, _, body = w.get("swap-b", blob)
         assert status == 502, body
-        assert b"NAME_UNKNOWN" not in body
+        assert b"BLOB_UNKNOWN" not in body
         assert "Certificate verify failed" in w.proxy.output()
     finally:
         second.stop()

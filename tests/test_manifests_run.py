@@ -57,6 +57,9 @@ Cluster
   (mitmproxy-ca.pem, a CA made here).
 - Workloads come from `kubectl kustomize` of manifests/ and manifests/namespaced/ (without kubectl,
   manifests/ is read through its kustomization's resources, and the namespaced install is skipped).
+- manifests/components/autoscaling starts nothing of its own and no autoscaler runs here (the fake
+  API server serves neither apps/v1 nor autoscaling/v2): its HorizontalPodAutoscaler is checked
+  against the build it is added to, whose Pods are the ones run here.
 - A Deployment runs all its replicas; a Job's init containers run in order, each to exit 0, a
   native sidecar (`restartPolicy: Always`) is started and waited for with its startupProbe, then the
   containers run to exit 0, then the sidecar gets SIGTERM and must exit within the Pod's
@@ -103,6 +106,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import urllib3
 import yaml
@@ -125,6 +129,7 @@ SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 START_TIMEOUT = 60.0   # a proxy must be ready within this
 RUN_TIMEOUT = 240.0    # an init container, build or step must exit within this
 GROUP = "connectors.alauda.io"
+K8S_VERSION = "1.30.0"  # the Kubernetes schemas the manifests are validated against (as tests/test_manifests.py)
 PROXY_SA = "system:serviceaccount:connectors-system:connector-proxy"
 
 # The built-in ClusterRoles the manifests bind (what a real cluster defines for them).
@@ -1257,6 +1262,87 @@ def test_namespaced_install_serves_its_namespaces_only(world, tmp_path):
         unbound.container.terminate()
     finally:
         c.stop()
+
+
+# ============================================================================ autoscaling
+
+
+AUTOSCALING = MANIFESTS / "components" / "autoscaling"
+
+
+def with_component(install: Path, component: Path, workdir: Path) -> list[dict]:
+    """What an operator's overlay of `install` plus `component` applies (kustomize's output)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(install, workdir)], "components": [os.path.relpath(component, workdir)]}))
+    return kustomize(workdir)
+
+
+def millicores(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity (`100m`, `2`, `0.5`) in millicores."""
+    text = str(quantity)
+    return float(text[:-1]) if text.endswith("m") else float(text) * 1000
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+@pytest.mark.parametrize("install", ["", "namespaced"], ids=["cluster-wide", "namespaced"])
+def test_autoscaling_component_scales_the_shipped_deployment(install, tmp_path):
+    """manifests/components/autoscaling added to either install: its HorizontalPodAutoscaler
+    targets the proxy Deployment of that very build (apiVersion, kind, name, namespace), which
+    it adds nothing to but removes `spec.replicas` from (the autoscaler owns the count; the Pods
+    run are those of the install without it). Its CPU target is one a proxy pod can reach (one
+    process, one event loop: at most one core; tests/test_e2e_scale_out.py's replicas show scaling
+    out is by replicas) and that the proxy container's CPU request makes measurable; it never
+    goes below what the PodDisruptionBudget keeps serving, and it scales down one drained replica
+    at a time: no faster than a removed replica's terminationGracePeriodSeconds."""
+    plain = kustomize(MANIFESTS / install)
+    docs = with_component(MANIFESTS / install, AUTOSCALING, tmp_path / "overlay")
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    [hpa] = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    [target] = [d for d in docs if (d["apiVersion"], d["kind"], d["metadata"]["name"]) ==
+                (ref["apiVersion"], ref["kind"], ref["name"])]
+    assert target["metadata"]["namespace"] == hpa["metadata"]["namespace"]
+    service = find(docs, "Service", "connector-proxy")
+    assert target is find(docs, "Deployment", "connector-proxy")
+    assert service["spec"]["selector"].items() <= target["spec"]["template"]["metadata"]["labels"].items()
+
+    # The component adds the HPA and takes `replicas` out; everything else is the install as it is.
+    shipped = find(plain, "Deployment", "connector-proxy")
+    assert "replicas" not in target["spec"] and shipped["spec"]["replicas"] >= 1
+    assert target["spec"] == {k: v for k, v in shipped["spec"].items() if k != "replicas"}
+    assert [d for d in docs if d is not target and d is not hpa] == [d for d in plain if d is not shipped]
+
+    # The CPU target: measurable (a CPU request on the proxy container) and reachable by one pod.
+    [proxy] = target["spec"]["template"]["spec"]["containers"]
+    request = millicores(proxy["resources"]["requests"]["cpu"])
+    assert request > 0
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    goal = metric["resource"]["target"]
+    per_pod = (request * goal["averageUtilization"] / 100 if goal["type"] == "Utilization"
+               else millicores(goal["averageValue"]))
+    assert 0 < per_pod < 1000, f"a pod scales out at {per_pod}m: one proxy process never uses more than one core"
+
+    # Replicas: never fewer than a drain can take down and still serve.
+    pdb = find(docs, "PodDisruptionBudget", "connector-proxy")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= target["spec"]["template"]["metadata"]["labels"].items()
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert 2 <= low <= high and low > pdb["spec"]["maxUnavailable"]
+
+    # Down slowly: after a stabilization window longer than the default, one replica per period,
+    # each period longer than a removed replica may take to drain.
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert down.get("selectPolicy", "Max") != "Disabled" and down["policies"]
+    grace = target["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    for policy in down["policies"]:
+        assert policy["type"] == "Pods" and 1 <= policy["value"] <= pdb["spec"]["maxUnavailable"], policy
+        assert policy["periodSeconds"] >= grace, policy
 
 
 # ============================================================================ the emulation itself

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import flow as mflow
 from mitmproxy.test import tflow
 
@@ -180,3 +182,40 @@ def test_short_secrets_are_not_redacted_from_bodies():
     from addons.scrub import secret_parts
     assert secret_parts("Basic " + base64.b64encode(b"admin:admin").decode()) == [
         base64.b64encode(b"admin:admin").decode(), "admin:admin"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"*" not in b), min_size=1, max_size=3),
+    pieces=st.lists(st.one_of(st.binary(max_size=20), st.integers(min_value=0, max_value=40)), max_size=30),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=20),
+)
+def test_no_chunking_lets_a_secret_through_a_streamed_body(secrets, pieces, cuts):
+    """Any chunking of any body (whole secrets, their prefixes and overlaps anywhere): no secret in
+    what is sent, the same length, every byte the body's or a `*`, never an empty chunk."""
+    from addons.scrub import StreamRedactor
+
+    body = b"".join(p if isinstance(p, bytes) else secrets[p % len(secrets)][: 1 + p // 3] for p in pieces)
+    redactor = StreamRedactor(secrets)
+    out, i, k = [], 0, 0
+    while i < len(body):
+        n = cuts[k % len(cuts)]
+        out += redactor(body[i:i + n])
+        i, k = i + n, k + 1
+    out += redactor(b"")
+    sent = b"".join(out)
+    assert len(sent) == len(body)
+    assert not any(secret in sent for secret in secrets)
+    assert all(a == b or a == ord("*") for a, b in zip(sent, body))
+    assert all(chunk for chunk in out)
+
+
+def test_a_streamed_chunk_without_a_secret_or_its_start_is_passed_on_as_it_came():
+    from addons.scrub import StreamRedactor
+
+    redactor = StreamRedactor([b"registry-token-0123456789"])
+    chunk = b"x" * 65536
+    assert redactor(chunk)[0] is chunk  # no copy
+    held = b"x" * 100 + b"registry-tok"
+    assert redactor(held) == [b"x" * 100]  # a possible start waits for the next chunk
+    assert redactor(b"en-0123456789 and on") == [b"*" * 25 + b" and on"]

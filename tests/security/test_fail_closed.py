@@ -114,6 +114,10 @@ REQUEST_PHASE = [
     ("inner:addons.upstream_auth.retarget", {500}),
     ("inner:addons.oci.required_scopes", {500}),
     ("inner:addons.client_auth.Verdict", {401}),
+    # The upstream pool sends what the gate permits; when it breaks, nothing is sent by it...
+    ("inner:addons.upstream_pool.request_headers", {500}),
+    # ...and when its hook is gone, the request takes mitmproxy's own path, checked as ever.
+    ("hook:PooledUpstream.request", {200}),
 ]
 
 
@@ -122,8 +126,11 @@ def test_a_raising_hook_refuses_the_request(tmp_path, registry, sabotage, status
     proxy = start_proxy(tmp_path, registry, sabotage)
     try:
         before = list(registry.seen)
+        headers = {"Authorization": basic("x", TOKEN)}
+        if "upstream_pool" in sabotage or "PooledUpstream" in sabotage:
+            headers["Connection"] = "close"  # the pool carries a client connection's first request only
         for method in ("GET", "HEAD"):
-            r = proxy.http.request(method, proxy.url + TARGET, headers={"Authorization": basic("x", TOKEN)})
+            r = proxy.http.request(method, proxy.url + TARGET, headers=headers)
             assert r.status in statuses, (method, r.status, r.data)
             if r.status == 200:
                 # Only hooks that have nothing to do with authorization may fail without a refusal,
@@ -138,8 +145,8 @@ def test_a_raising_hook_refuses_the_request(tmp_path, registry, sabotage, status
             assert MARKER.encode() not in r.data
         if 200 not in statuses:
             assert [p for _, p, _ in registry.seen[len(before):] if p not in ("/v2/", "/v2")] == []
-        # It keeps serving everybody else.
-        assert proxy.http.request("GET", proxy.url + "/healthz").status == 200
+        # It keeps serving everybody else (on a connection of their own).
+        assert urllib3.PoolManager(retries=False).request("GET", proxy.url + "/healthz").status == 200
     finally:
         proxy.stop()
     written = proxy.everything_written()
