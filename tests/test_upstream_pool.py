@@ -107,10 +107,24 @@ def pooled(world, tmp_path_factory):
     ])
     (tmp / "on").mkdir()
     (tmp / "off").mkdir()
-    on = ProxyProcess(tmp / "on", tmp / "connectors", world.tokens_file).start()
-    off = ProxyProcess(tmp / "off", tmp / "connectors", world.tokens_file, extra=("--set", "upstream_pool=false")).start()
-    token = world.builder_token
-    # An image to read back: a blob and a manifest, pushed through the pooling proxy.
+    on = ProxyProcess(tmp / "on", tmp / "connectors", world.tokens_file)
+    off = ProxyProcess(tmp / "off", tmp / "connectors", world.tokens_file, extra=("--set", "upstream_pool=false"))
+    try:
+        on.start()
+        off.start()
+        yield Pooled(relay, on, off, world.builder_token, *push_image(on, world.builder_token))
+    finally:  # also when the set-up failed half-way: no proxy outlives the module
+        on.stop()
+        off.stop()
+        relay.stop()
+    for proxy in (on, off):
+        written = proxy.everything_written()
+        leaked = [i for i, s in enumerate(world.secrets) if s.encode() in written]
+        assert not leaked, f"secrets #{leaked} appear in what {proxy.workdir} wrote"
+
+
+def push_image(on: ProxyProcess, token: str) -> tuple[bytes, str, bytes, str]:
+    """A blob, a config and a manifest pushed through the pooling proxy: (manifest, digest, blob, digest)."""
     blob = b"pooled layer " * 1000
     blob_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     prefix = f"/v2/namespaces/default/connectors/pooled/{REPO}"
@@ -137,14 +151,7 @@ def pooled(world, tmp_path_factory):
     r = on.http.request("PUT", on.url + f"{prefix}/manifests/v1", body=manifest,
                         headers={**headers, "Content-Type": "application/vnd.oci.image.manifest.v1+json"})
     assert r.status == 201, r.data
-    yield Pooled(relay, on, off, token, manifest, "sha256:" + hashlib.sha256(manifest).hexdigest(), blob, blob_digest)
-    on.stop()
-    off.stop()
-    relay.stop()
-    for proxy in (on, off):
-        written = proxy.everything_written()
-        leaked = [i for i, s in enumerate(world.secrets) if s.encode() in written]
-        assert not leaked, f"secrets #{leaked} appear in what {proxy.workdir} wrote"
+    return manifest, "sha256:" + hashlib.sha256(manifest).hexdigest(), blob, blob_digest
 
 
 def fresh_connection_exchange(proxy: ProxyProcess, method: str, path: str, headers: dict[str, str]):
