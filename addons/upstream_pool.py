@@ -21,7 +21,7 @@ A slow registry therefore holds at most its own share of threads and stops nobod
 
 Fail closed: this addon sits after the gate and LateSecrets, at the very end of mitmproxy's chain,
 and sends only what the gate permits, to the destination the verdict names. The upstream header is
-taken from LateSecrets and never set on the flow.
+taken from LateSecrets and goes on the flow only redacted.
 """
 
 from __future__ import annotations
@@ -143,12 +143,12 @@ class PooledUpstream:
         route = Route.of(flow)
         if route is None or not route.name or not route.upstream:
             return
-        request = flow.request
-        if not poolable(request.method.upper(), route.path, oci.has_body(request), not request.stream):
-            return
         if flow.client_conn in self.clients_seen:
             return  # mitmproxy's own connection for this client, opened or reused: cheaper than a pool exchange
         self.clients_seen.add(flow.client_conn)
+        request = flow.request
+        if not poolable(request.method.upper(), route.path, oci.has_body(request), not request.stream):
+            return
         verdict = self.gate.permitted(flow)
         if verdict is None:
             return  # not ours to send: the gate has answered, or mitmproxy's path meets the gate's refusal
