@@ -93,11 +93,14 @@ def stream_response(flow: http.HTTPFlow) -> bool:
 
 def rewrite_response_headers(flow: http.HTTPFlow) -> None:
     """Location and Link of a registry response, back to the proxy origin the client used."""
+    assert flow.response is not None
+    headers = flow.response.headers
+    if "location" not in headers and "link" not in headers:
+        return  # most answers (manifests, blobs, HEADs): nothing to rewrite, nothing to parse
     route = Route.of(flow)
-    assert route is not None and flow.response is not None
+    assert route is not None
     upstream = parse_address(route.upstream)
     request_url = flow.request.url
-    headers = flow.response.headers
     original: dict[str, object] = {}
     if "location" in headers:
         original["location"] = headers["location"]
