@@ -36,7 +36,7 @@ from addons.registry_client import (
     UpstreamWork,
     basic_header,
 )
-from addons.rewrite import SMALL_BODY, rewrite_response_headers
+from addons.rewrite import SMALL_BODY, is_small_document, rewrite_response_headers
 from addons.routing import Route, retarget
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -193,7 +193,7 @@ class UpstreamCredentials:
         connector = self.store.get(route.namespace, route.name) if route else None
         if connector:
             self.forget(connector)
-        if small_body(flow.response.headers, MAX_CHALLENGE_BODY):
+        if is_small_document(flow.response.headers, MAX_CHALLENGE_BODY):
             # Kept whole (it is small) and answered in `response`: a request without a body is
             # sent again there with a fresh token.
             state["retry"] = not state["has_body"]
@@ -260,7 +260,7 @@ class UpstreamCredentials:
                       headers: dict[str, str]) -> http.Response | None:
         resp = self.client.send(connector, method, scheme, host, port, target, headers, preload=False)
         body = b"-" * (SMALL_BODY + 1)
-        if method.upper() == "HEAD" or resp.status in oci.NO_BODY_STATUSES or small_body(resp.headers, SMALL_BODY):
+        if method.upper() == "HEAD" or resp.status in oci.NO_BODY_STATUSES or is_small_document(resp.headers):
             body = resp.read(SMALL_BODY + 1)  # read even when empty: only then is the connection free again
         if len(body) > SMALL_BODY:
             resp.close()  # unread rest: the connection cannot be reused
@@ -302,11 +302,6 @@ def response_from_upstream(method: str, status: int, reason: str, header_items, 
         headers["content-length"] = str(len(body))
     now = time.time()
     return http.Response(b"HTTP/1.1", status, reason.encode("latin-1", "replace"), headers, body, None, now, now)
-
-
-def small_body(headers, limit: int) -> bool:
-    length = headers.get("content-length", "")
-    return length.isascii() and length.isdigit() and int(length) <= limit
 
 
 def _printable(value: str, limit: int = 200) -> str:

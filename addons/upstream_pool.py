@@ -40,7 +40,7 @@ from mitmproxy.connection import ConnectionState
 from addons import oci
 from addons.gate import Gate, Verdict, fail_closed
 from addons.registry_client import ConnectionDropped, UpstreamError
-from addons.rewrite import SMALL_BODY
+from addons.rewrite import SMALL_BODY, is_small_document
 from addons.routing import Route
 from addons.scrub import LateSecrets
 from addons.store import ConnectorStore
@@ -222,10 +222,8 @@ class PooledUpstream:
             if idempotent:
                 raise Unpooled from None  # mitmproxy tries on a connection of its own
             raise
-        length = resp.headers.get("content-length", "")
         body_expected = exchange.method != "HEAD" and resp.status not in oci.NO_BODY_STATUSES
-        if body_expected and idempotent and length \
-                and not (length.isascii() and length.isdigit() and int(length) <= SMALL_BODY):
+        if body_expected and idempotent and "content-length" in resp.headers and not is_small_document(resp.headers):
             resp.close()  # large: not read, the connection is dropped
             raise Unpooled
         try:
